@@ -1,0 +1,338 @@
+"""Train the U-Net on LGG brain MRI slices, evaluate on held-out patients, optionally push.
+
+    python train.py --data-dir ../shared/data/lgg_subset --out-dir runs/lgg        # train
+    python train.py --out-dir runs/lgg --resume                                    # go on after a stop
+    python train.py --synthetic --epochs 2 --out-dir runs/smoke                    # no dataset needed
+
+The run folder holds ``last.pt`` (everything needed to resume, written every epoch and every
+``--checkpoint-every`` steps), ``best/`` (the best validation epoch), ``history.csv``,
+``curves.png`` and, at the end, ``model/``: the final model in the Hub layout (config.json,
+model.safetensors, README.md model card, metrics.json), ready for ``unet.evaluate``, the app
+or ``--push``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from unet.card import write_model_card
+from unet.data import DatasetError, LGGDataset, scan_dataset, split_patients, train_transforms, eval_transforms
+from unet.evaluate import evaluate_model, predict_frame, score
+from unet.inference import autocast_for, cpu_supports_bf16
+from unet.losses import BCEDiceLoss
+from unet.model import UNet, count_parameters
+from unet.synthetic import make_synthetic_dataset
+
+log = logging.getLogger("train")
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "lgg_subset"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="kaggle_3m folder or its parent (default: %(default)s)")
+    data.add_argument("--synthetic", action="store_true", help="train on generated phantom slices written to OUT_DIR/synthetic")
+    data.add_argument("--patients", type=int, default=None, help="use only the first N patients (quick runs)")
+    data.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation (default: %(default)s)")
+    data.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test (default: %(default)s)")
+    data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
+    data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
+    data.add_argument("--workers", type=int, default=0, help="DataLoader workers; 0 is fastest on a small CPU (default: %(default)s)")
+    model = p.add_argument_group("model")
+    model.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
+    model.add_argument("--depth", type=int, default=4, help="number of poolings (default: %(default)s)")
+    model.add_argument("--upsampling", choices=["bilinear", "transpose"], default="transpose")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=40, help="(default: %(default)s)")
+    opt.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
+    opt.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay (default: %(default)s)")
+    opt.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better validation Dice")
+    opt.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="auto: bf16 autocast on CUDA or a CPU with bf16 units, else fp32")
+    run = p.add_argument_group("run")
+    run.add_argument("--out-dir", default="runs/unet", help="run folder (default: %(default)s)")
+    run.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    run.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every N steps within an epoch")
+    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling and initialisation")
+    run.add_argument("--no-tune", action="store_true", help="keep threshold 0.5 and no post-processing instead of choosing them on validation")
+    hub = p.add_argument_group("hub")
+    hub.add_argument("--push", action="store_true", help="publish OUT_DIR/model to the Hub at the end")
+    hub.add_argument("--repo-id", help="USER/NAME on the Hub (with --push)")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo private")
+    hub.add_argument("--revision", default=None, help="Hub branch to push to (default: main)")
+    args = p.parse_args(argv)
+    if args.push and not args.repo_id:
+        p.error("--push needs --repo-id USER/NAME")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 1% of the peak."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's slice order, a pure function of (seed, epoch) so a resume replays it.
+
+    Tumor slices get ``tumor_fraction`` of the draws, healthy ones the rest; without this,
+    two thirds of every batch would be empty masks.
+    """
+    weights = np.where(has_tumor, tumor_fraction / max(has_tumor.sum(), 1), (1 - tumor_fraction) / max((~has_tumor).sum(), 1))
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.multinomial(torch.as_tensor(weights, dtype=torch.double), num_samples, replacement=True,
+                             generator=generator).tolist()
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write then rename, so a kill during the save never leaves a torn checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(history["epoch"], history["train_loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", title="training loss")
+    for column in ("val_patient_dice", "val_tumor_slice_dice"):
+        ax_dice.plot(history["epoch"], history[column], marker="o", label=column)
+    ax_dice.plot(history["epoch"], history["val_healthy_fp_rate"], marker=".", linestyle=":", label="val_healthy_fp_rate")
+    ax_dice.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    ax_dice.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def tune_postprocessing(model: UNet, val_df: pd.DataFrame) -> dict:
+    """Pick flip TTA, threshold and minimum component area by validation patient Dice.
+
+    Ties go to fewer false positives on healthy slices, then to the simpler setting.
+    """
+    patients = list(val_df["patient"])
+    best = None
+    for tta in (False, True):
+        model.tta_flips = tta
+        probs, targets = predict_frame(model, val_df, progress=False)
+        for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
+            for min_area in (0, 16, 32, 64, 128, 256):
+                m = score(probs, targets, patients, threshold, min_area)
+                key = (round(m["patient_dice_mean"], 4), -m["healthy_fp_rate"])
+                if best is None or key > best[0]:
+                    best = (key, {"tta_flips": tta, "threshold": threshold, "min_component_area": min_area}, m)
+    model.tta_flips = False
+    log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f)",
+             best[1], best[2]["patient_dice_mean"], best[2]["healthy_fp_rate"])
+    return best[1]
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.system()})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / "last.pt"
+    state = None
+    if args.resume:
+        if not checkpoint_path.is_file():
+            log.error("--resume: no checkpoint at %s", checkpoint_path)
+            return 2
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        saved = state["args"]
+        # The data, split and model of a run are fixed by its first start; the length may change.
+        for key in vars(args):
+            if key not in ("resume", "epochs", "patience", "workers", "device", "push", "repo_id", "private", "revision"):
+                setattr(args, key, saved[key])
+        log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
+    command = "python train.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = pick_device(args.device)
+
+    data_dir = make_synthetic_dataset(out_dir / "synthetic", patients=10, slices=16, size=args.image_size,
+                                      healthy_patients=2, seed=args.seed) if args.synthetic else args.data_dir
+    try:
+        df = scan_dataset(data_dir)
+    except DatasetError as error:
+        log.error("error: %s", error)
+        return 2
+    if args.patients:
+        df = df[df["patient"].isin(sorted(df["patient"].unique())[: args.patients])]
+    splits = state["splits"] if state else split_patients(df, args.val_fraction, args.test_fraction, args.seed)
+    frames = {name: df[df["patient"].isin(ids)].reset_index(drop=True) for name, ids in splits.items()}
+    for name, frame in frames.items():
+        log.info("%-5s %3d patients %5d slices (%d with tumor)", name, len(splits[name]), len(frame), int(frame["has_tumor"].sum()))
+
+    model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size)
+    model.to(device).to(memory_format=torch.channels_last)
+    train_set = LGGDataset(frames["train"], train_transforms(args.image_size), model.mean, model.std)
+    steps_per_epoch = args.steps_per_epoch or len(train_set) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, int(args.warmup_epochs * steps_per_epoch), total_steps))
+    loss_fn = BCEDiceLoss()
+    precision = args.precision
+    if precision == "auto" and device.type == "cpu" and not cpu_supports_bf16():
+        precision = "fp32"
+    # fp16 autocast (CUDA without bf16) needs loss scaling; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported() and precision != "fp32")
+    log.info("model: width %d, depth %d, %s upsampling, %d px, %.2f M parameters; device %s, precision %s, %d steps/epoch",
+             args.width, args.depth, args.upsampling, args.image_size, count_parameters(model) / 1e6, device,
+             precision, steps_per_epoch)
+
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    else:
+        state = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "best_score": -1.0, "best_epoch": 0,
+                 "bad_epochs": 0, "history": [], "train_seconds": 0.0, "splits": splits, "args": vars(args)}
+
+    def checkpoint() -> None:
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), args=vars(args))
+        save_atomic(state, checkpoint_path)
+
+    has_tumor = frames["train"]["has_tumor"].to_numpy()
+    while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
+        epoch = state["epoch"]
+        indices = epoch_indices(has_tumor, args.tumor_fraction, steps_per_epoch * args.batch_size, args.seed, epoch)
+        skip = state["step_in_epoch"] * args.batch_size
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=indices[skip:], drop_last=True,
+                            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+        model.train()
+        started = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=state["step_in_epoch"],
+                   total=steps_per_epoch, mininterval=10, file=sys.stderr)
+        for images, masks in bar:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            masks = masks.to(device, non_blocking=True)
+            with autocast_for(device, precision):
+                logits = model(images)
+            loss = loss_fn(logits, masks)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            state["loss_sum"] += loss.item()
+            state["step_in_epoch"] += 1
+            bar.set_postfix(loss=f"{state['loss_sum'] / state['step_in_epoch']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if state["step_in_epoch"] % args.checkpoint_every == 0 and state["step_in_epoch"] < steps_per_epoch:
+                state["train_seconds"] += time.time() - started
+                started = time.time()
+                checkpoint()
+        bar.close()
+        state["train_seconds"] += time.time() - started
+
+        model.eval()
+        val = evaluate_model(model, frames["val"], progress=False)
+        row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["step_in_epoch"], 1),
+               "lr": scheduler.get_last_lr()[0], "val_patient_dice": val["patient_dice_mean"],
+               "val_tumor_slice_dice": val["tumor_slice_dice_mean"], "val_slice_dice": val["slice_dice_mean"],
+               "val_healthy_fp_rate": val["healthy_fp_rate"], "train_seconds": round(state["train_seconds"], 1)}
+        state["history"].append(row)
+        log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f",
+                 row["epoch"], row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
+        if val["patient_dice_mean"] > state["best_score"]:
+            state.update(best_score=val["patient_dice_mean"], best_epoch=epoch + 1, bad_epochs=0)
+            model.save_pretrained(out_dir / "best")
+        else:
+            state["bad_epochs"] += 1
+        history = pd.DataFrame(state["history"])
+        history.to_csv(out_dir / "history.csv", index=False)
+        plot_history(history, out_dir / "curves.png")
+        state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0)
+        checkpoint()
+
+    if state["bad_epochs"] >= args.patience:
+        log.info("early stop: no better validation Dice for %d epochs", args.patience)
+    log.info("best validation patient Dice %.4f at epoch %d", state["best_score"], state["best_epoch"])
+
+    model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
+    if not args.no_tune:
+        for key, value in tune_postprocessing(model, frames["val"]).items():
+            setattr(model, key, value)
+    val = evaluate_model(model, frames["val"], progress=False)
+    test = evaluate_model(model, frames["test"]) if len(frames["test"]) else {}
+    metrics = {
+        "test": test,
+        "val": val,
+        "best_epoch": state["best_epoch"],
+        "epochs_trained": state["epoch"],
+        "train_hours": round(state["train_seconds"] / 3600, 3),
+        "machine": machine_description(device),
+        "precision": precision,
+        "parameters": count_parameters(model),
+        "splits": splits,
+        "data": "synthetic phantoms" if args.synthetic else str(args.data_dir),
+        "command": command,
+    }
+    model_dir = out_dir / "model"
+    model.save_pretrained(model_dir)
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.copy(out_dir / "curves.png", model_dir / "curves.png")
+    write_model_card(model_dir, metrics)
+    if test:
+        log.info("test: patient Dice %.4f (median %.4f, worst %.4f), tumor-slice Dice %.4f, healthy FP %.3f",
+                 test["patient_dice_mean"], test["patient_dice_median"], test["patient_dice_min"],
+                 test["tumor_slice_dice_mean"], test["healthy_fp_rate"])
+    log.info("model written to %s", model_dir)
+
+    if args.push:
+        from unet.push import push_model
+
+        return push_model(model_dir, args.repo_id, private=args.private, revision=args.revision,
+                          examples_from=frames["test"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Inference: any image in, a mask out, with the model's own pre- and post-processing.
+
+The model's config (see `unet.model.UNet`) fixes channel order, normalisation, input size,
+threshold, small-component removal and flip test-time augmentation, so evaluate, the app
+and the benchmarks all produce the same mask from the same slice.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import cv2
+import numpy as np
+import torch
+
+from unet.data import normalize
+from unet.model import UNet
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast where it pays (CUDA; a CPU with bf16 units), else plain fp32."""
+    if precision == "fp32" or device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    if device.type == "cpu" and precision == "auto" and not cpu_supports_bf16():
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Any decoded image array -> HxWx3 uint8 in RGB (file) order.
+
+    Grayscale is repeated into three channels, alpha is dropped, and 16-bit or float data is
+    rescaled by its own range, since such files carry no fixed 0-255 scale.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected a grayscale, RGB or RGBA image, got an array of shape {image.shape}")
+    image = image[..., :3]
+    if image.dtype != np.uint8:
+        image = image.astype(np.float64)
+        low, high = float(image.min()), float(image.max())
+        image = np.zeros(image.shape, np.uint8) if high <= low else ((image - low) * (255.0 / (high - low))).round().astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+@torch.inference_mode()
+def predict_proba(model: UNet, images: np.ndarray | list[np.ndarray], batch_size: int = 8,
+                  precision: str = "auto") -> list[np.ndarray]:
+    """RGB uint8 images (H, W, 3) -> tumor probabilities (H, W) float32, one per image.
+
+    Images are resized to the model's input size and the probabilities back to each image's
+    own size, so odd-sized uploads work.
+    """
+    device = next(model.parameters()).device
+    size = model.image_size
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = [to_rgb_uint8(im) for im in images[start:start + batch_size]]
+        if model.channel_order == "BGR":
+            chunk = [im[..., ::-1] for im in chunk]
+        batch = torch.stack([
+            normalize(cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) if im.shape[:2] != (size, size) else im,
+                      model.mean, model.std)
+            for im in chunk
+        ]).to(device).contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, precision):
+            logits = model(batch).float()
+            if model.tta_flips:
+                logits = (logits + model(batch.flip(-1)).float().flip(-1)) / 2
+        prob = torch.sigmoid(logits)[:, 0].cpu().numpy()
+        for p, im in zip(prob, chunk):
+            out.append(p if p.shape == im.shape[:2] else cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR))
+    return out
+
+
+def postprocess(prob: np.ndarray, threshold: float, min_component_area: int = 0) -> np.ndarray:
+    """Probability map (H, W) -> binary mask, dropping connected components under the area."""
+    mask = (prob >= threshold).astype(np.uint8)
+    if min_component_area > 0 and mask.any():
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_component_area
+        mask = keep[labels].astype(np.uint8)
+    return mask.astype(bool)
+
+
+def segment(model: UNet, images: np.ndarray | list[np.ndarray], threshold: float | None = None,
+            batch_size: int = 8, precision: str = "auto") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images -> (boolean masks, probabilities), with the model's threshold unless one is given."""
+    probs = predict_proba(model, images, batch_size=batch_size, precision=precision)
+    t = model.threshold if threshold is None else threshold
+    return [postprocess(p, t, model.min_component_area) for p in probs], probs
+
+
+def prepare_for_inference(model: UNet) -> UNet:
+    """eval mode and channels_last: the layout oneDNN's convolutions run fastest in."""
+    return model.eval().to(memory_format=torch.channels_last)

@@ -1,0 +1,143 @@
+"""The U-Net: a configurable encoder-decoder that returns logits.
+
+The classic configuration (Ronneberger et al., as in usuyama/pytorch-unet) is
+``UNet(width=64, depth=3, upsampling="bilinear")``: encoder 3->64->128->256->512 with
+MaxPool2d(2), bilinear x2 upsampling with skip concatenation, decoders 512+256->256,
+256+128->128, 128+64->64 and a 1x1 conv to one channel (7.76 M parameters).
+
+The default, ``width=32, depth=4``, has about the same parameter count at 3.5x fewer FLOPs
+per 256x256 slice (benchmarks/), which is what makes CPU training and serving practical.
+
+Everything that serving needs to reproduce training (channel order, normalisation, input
+size, threshold, post-processing) is an ``__init__`` argument, so ``save_pretrained`` writes
+it to ``config.json`` beside the weights and ``from_pretrained`` gives it back.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+# Per-channel statistics of the LGG training slices scaled to [0, 1] (channel order
+# pre-contrast, FLAIR, post-contrast), measured on the 42 training patients of the default split by
+# `python -m unet.data ../shared/data/lgg_subset --stats`.
+LGG_MEAN = (0.1018, 0.0848, 0.0890)
+LGG_STD = (0.1432, 0.1256, 0.1315)
+
+
+def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    """(conv3x3 -> BatchNorm -> ReLU) twice, the U-Net's basic block."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="brain-mri-unet",
+    pipeline_tag="image-segmentation",
+    license="mit",
+    tags=["medical-imaging", "brain-mri", "segmentation", "unet", "lgg"],
+):
+    """U-Net returning one logit map per image: ``(N, C, H, W) -> (N, 1, H, W)``.
+
+    H and W must be multiples of ``2**depth``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        width: int = 16,
+        depth: int = 4,
+        upsampling: str = "transpose",
+        image_size: int = 256,
+        channel_order: str = "RGB",
+        mean: tuple[float, ...] = LGG_MEAN,
+        std: tuple[float, ...] = LGG_STD,
+        threshold: float = 0.5,
+        min_component_area: int = 0,
+        tta_flips: bool = False,
+    ) -> None:
+        super().__init__()
+        if upsampling not in ("bilinear", "transpose"):
+            raise ValueError(f"upsampling must be 'bilinear' or 'transpose', got {upsampling!r}")
+        if channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+        self.in_channels, self.width, self.depth, self.upsampling = in_channels, width, depth, upsampling
+        self.image_size = image_size
+        # The preprocessing and post-processing contract, stored in config.json.
+        self.channel_order = channel_order
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.threshold = float(threshold)
+        self.min_component_area = int(min_component_area)
+        self.tta_flips = bool(tta_flips)
+
+        channels = [width * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for c in channels:
+            self.encoders.append(double_conv(previous, c))
+            previous = c
+        self.pool = nn.MaxPool2d(2)
+
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for deep, skip in zip(channels[:0:-1], channels[-2::-1]):
+            if upsampling == "bilinear":
+                self.upsamplers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                self.decoders.append(double_conv(deep + skip, skip))
+            else:
+                self.upsamplers.append(nn.ConvTranspose2d(deep, skip, kernel_size=2, stride=2))
+                self.decoders.append(double_conv(2 * skip, skip))
+        self.head = nn.Conv2d(channels[0], 1, kernel_size=1)
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments as they stand now, including tuned post-processing."""
+        keys = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
+                "threshold", "min_component_area", "tta_flips")
+        return {k: list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k) for k in keys}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Write config.json ourselves (the mixin then keeps it) so that post-processing
+        # tuned after construction is saved, not the values the model was built with.
+        super()._save_pretrained(save_directory)
+        (Path(save_directory) / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if i < self.depth:
+                skips.append(x)
+                x = self.pool(x)
+        for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        return self.head(x)
+
+
+def load_model(source: str, revision: str | None = None, device: str | torch.device = "cpu") -> UNet:
+    """Load a UNet from a local folder or a Hub repo id, strictly and from safetensors only.
+
+    A missing or unexpected weight is an error, never a silently random layer; a repo with
+    only pickled weights is refused because unpickling runs code from the network.
+    """
+    from unet.hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(source, revision=revision)
+    model = UNet.from_pretrained(model_dir, strict=True, map_location=str(device))
+    return model.to(device).eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

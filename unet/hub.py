@@ -1,14 +1,33 @@
 """Where a model comes from: a local folder, a Hub repo id, or the model shipped in the repo.
 
-(Interface stub: the Hub work of issue 4 fills in the caching and offline fallbacks.)
+A repo id is pulled with `huggingface_hub.snapshot_download` into the normal Hugging Face cache
+(``HF_HOME`` / ``HF_HUB_CACHE``), weights from ``model.safetensors`` only. When the Hub cannot be
+reached (no network, ``HF_HUB_OFFLINE=1``, a dead ``HF_ENDPOINT``), the cached copy is used with
+a notice; for the app, with no cached copy either, the shipped model is served instead, again
+with a notice. Connections give up after ``HUB_CONNECT_TIMEOUT`` seconds, so a dead endpoint
+costs seconds, not minutes.
+
+The endpoint is ``HF_ENDPOINT`` as set when the call is made (``huggingface_hub`` itself reads it
+once, at import), so tests and tools can point a running process at another Hub.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+import httpx2
+from huggingface_hub import HfApi, constants, get_session, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +38,102 @@ SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "brain-m
 # card, metrics, curves and example slices (examples/<stem>.png with examples/<stem>_mask.png).
 MODEL_FILES = ["config.json", "model.safetensors", "README.md", "metrics.json", "curves.png", "examples/*"]
 
+# Seconds to open a connection to the Hub, and to wait for any one read or write on it.
+HUB_CONNECT_TIMEOUT = float(os.environ.get("HUB_CONNECT_TIMEOUT", 5))
+HUB_READ_TIMEOUT = float(os.environ.get("HUB_READ_TIMEOUT", 60))
+
+# Errors that mean "the Hub cannot be reached" rather than "the Hub said no".
+NETWORK_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
+
+
+class HubUnavailable(ConnectionError):
+    """The Hub cannot be reached and there is no cached copy of the model."""
+
+
+def hub_endpoint() -> str:
+    """The Hub to talk to: ``HF_ENDPOINT`` now, else the client's default."""
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def use_short_timeouts() -> None:
+    """Bound every request of the shared client (its default is to wait forever)."""
+    get_session().timeout = httpx2.Timeout(HUB_READ_TIMEOUT, connect=HUB_CONNECT_TIMEOUT)
+
+
+def is_repo_id(source: str) -> bool:
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return not source.startswith((".", "~", "/")) and not Path(source).exists()
+
+
+def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """Download (or find in the cache) a model repo: ``(snapshot folder, notice or None)``.
+
+    Raises `FileNotFoundError` for a missing repo, revision or weights file, `PermissionError`
+    for a refused token, and `HubUnavailable` when offline with nothing cached.
+    """
+    endpoint = hub_endpoint()
+    where = repo_id + (f" @ {revision}" if revision else "")
+    use_short_timeouts()
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+    except NETWORK_ERRORS as error:
+        return _cached_copy(repo_id, revision, f"{endpoint} unreachable ({type(error).__name__})")
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"model repo {repo_id} not found at {endpoint} "
+                                "(a private repo needs a token: HF_TOKEN or `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"revision {revision!r} not found in model repo {repo_id} at {endpoint}") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code
+        if status == 401:
+            raise PermissionError(f"{endpoint} refused the token for {repo_id}: 401 invalid credentials "
+                                  "(check HF_TOKEN or `hf auth login`)") from None
+        if status >= 500:
+            return _cached_copy(repo_id, revision, f"{endpoint} answered {status}")
+        raise OSError(f"pull of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip()) from None
+
+    files = {sibling.rfilename for sibling in info.siblings or []}
+    if "model.safetensors" not in files:
+        pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise FileNotFoundError(f"model repo {where} has no model.safetensors"
+                                + (f" (only {', '.join(pickled)}: pickled weights are refused)" if pickled else ""))
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES, endpoint=endpoint))
+    except NETWORK_ERRORS as error:
+        return _cached_copy(repo_id, revision, f"{endpoint} unreachable during download ({type(error).__name__})")
+    log.info("pulled %s (%s) into %s", where, folder.name[:7], folder)
+    return folder, None
+
+
+def _cached_copy(repo_id: str, revision: str | None, reason: str) -> tuple[Path, str]:
+    where = repo_id + (f" @ {revision}" if revision else "")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise HubUnavailable(f"{reason} and no cached copy of {where}") from None
+    if not (folder / "model.safetensors").is_file():
+        raise HubUnavailable(f"{reason} and the cached copy of {where} has no model.safetensors")
+    notice = f"offline: {reason}; using the cached copy of {where} ({folder.name[:7]})"
+    log.warning(notice)
+    return folder, notice
+
 
 def resolve_model_dir(source: str, revision: str | None = None) -> Path:
     """A local folder as it is, else a Hub snapshot (safetensors and config only)."""
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"no model.safetensors in model folder {path}")
         return path
-    return Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=MODEL_FILES))
+    if not is_repo_id(source):
+        raise FileNotFoundError(f"{source!r} is neither a model folder nor a Hub repo id (USER/NAME)")
+    try:
+        return pull_model(source, revision)[0]
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"no model folder {source!r} here, and {error}") from None
 
 
 @dataclass
@@ -36,8 +142,8 @@ class ServingModel:
 
     model: "UNet"  # noqa: F821
     model_dir: Path
-    description: str  # e.g. "user/brain-mri-unet @ main (a1b2c3d)" or "shipped model models/brain-mri-unet"
-    notice: str | None = None  # e.g. "offline: using the cached copy of user/name"
+    description: str  # e.g. "user/brain-mri-unet @ main (a1b2c3d)" or "shipped model brain-mri-unet"
+    notice: str | None = None  # e.g. "offline: ...; using the cached copy of user/name"
 
     @property
     def examples_dir(self) -> Path | None:
@@ -46,10 +152,35 @@ class ServingModel:
 
 
 def load_for_serving(source: str | None = None, revision: str | None = None) -> ServingModel:
-    """The model the app serves: ``source`` (folder or repo id), else the shipped model."""
+    """The model the app serves: ``source`` (folder or repo id), else ``MODEL_ID``, else the shipped model.
+
+    ``revision`` defaults to ``MODEL_REVISION``. When the Hub cannot be reached and nothing is
+    cached, the shipped model is served and ``notice`` says so; a missing repo or a refused token
+    is an error, not a silent fallback.
+    """
     from unet.model import load_model
 
+    source = source or os.environ.get("MODEL_ID") or None
+    revision = revision or os.environ.get("MODEL_REVISION") or None
     if not source:
-        return ServingModel(load_model(str(SHIPPED_MODEL_DIR)), SHIPPED_MODEL_DIR, f"shipped model {SHIPPED_MODEL_DIR.name}")
-    model_dir = resolve_model_dir(source, revision)
-    return ServingModel(load_model(str(model_dir)), model_dir, source + (f" @ {revision}" if revision else ""))
+        return _shipped()
+    if Path(source).expanduser().is_dir() or not is_repo_id(source):
+        model_dir = resolve_model_dir(source)
+        return ServingModel(load_model(str(model_dir)), model_dir, f"local model {model_dir}")
+    try:
+        model_dir, notice = pull_model(source, revision)
+    except HubUnavailable as error:
+        if not (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
+            raise
+        notice = f"{error}: serving the shipped model {SHIPPED_MODEL_DIR.name} instead"
+        log.warning(notice)
+        return _shipped(notice)
+    description = f"{source} @ {revision or 'main'} ({model_dir.name[:7]})"
+    return ServingModel(load_model(str(model_dir)), model_dir, description, notice)
+
+
+def _shipped(notice: str | None = None) -> ServingModel:
+    from unet.model import load_model
+
+    return ServingModel(load_model(str(SHIPPED_MODEL_DIR)), SHIPPED_MODEL_DIR,
+                        f"shipped model {SHIPPED_MODEL_DIR.name}", notice)

@@ -1,0 +1,688 @@
+"""The demo: upload a brain MRI slice, see the tumor the U-Net finds. Research use only.
+
+    python app.py                                  # the shipped model, http://127.0.0.1:7860
+    python app.py --model runs/unet/model          # a local model folder
+    python app.py --model USER/brain-mri-unet      # a Hub repo (or MODEL_ID=... in the environment)
+    python app.py --examples ../shared/data/lgg_subset   # examples picked from a kaggle_3m folder
+
+The prediction is also an API endpoint, ``/segment`` (image file and threshold in; overlay
+PNG, mask PNG and a JSON summary out), for ``gradio_client``.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
+
+import argparse
+import atexit
+import io
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
+from unet.inference import postprocess, predict_proba, prepare_for_inference, to_rgb_uint8
+from unet.metrics import dice, pixel_counts
+
+log = logging.getLogger("app")
+
+ROOT = Path(__file__).resolve().parent
+PROJECT_EXAMPLES_DIR = ROOT / "examples"  # synthetic slices written by examples/make_examples.py
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+MAX_FILE_MB = 50  # per upload, enforced by the server (launch max_file_size) and by load_slice
+MAX_SIDE = 4096  # pixels per side; larger images are refused before they are decoded
+MAX_VOLUME_SLICES = 200
+MAX_VOLUME_PIXELS = 200 * 512 * 512
+BACKGROUND_LEVEL = 8  # a pixel whose brightest channel is above this counts as brain (not background)
+PRED_COLOR = (255, 40, 40)  # red: predicted tumor (fill and outline)
+REF_COLOR = (0, 190, 255)  # light blue: reference mask outline
+FILL_ALPHA = 0.35
+DISCLAIMER = ("**Research demo, not for clinical use.** The model was trained on a small public dataset of "
+              "lower-grade glioma MRI; it is not a medical device and must not inform any diagnosis or treatment.")
+
+
+class InputError(ValueError):
+    """A file the app cannot use; the message is one line, fit to show in the page."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading uploads
+
+@dataclass
+class Slice:
+    image: np.ndarray  # HxWx3 uint8, RGB = file order (pre-contrast, FLAIR, post-contrast)
+    notes: list[str] = field(default_factory=list)  # how the file was converted, for the page
+
+
+def _rawmode(im: Image.Image) -> str:
+    args = im.tile[0].args if im.tile else ""
+    return args if isinstance(args, str) else str(args[0]) if args else ""
+
+
+def decode_image(data: bytes, name: str = "upload") -> Slice:
+    """Image file bytes -> RGB uint8 slice, the way training read the dataset (file order RGB).
+
+    Grayscale is repeated into three channels, transparency is flattened onto black, 16-bit and
+    float images are rescaled by their own range. Raises InputError with a one-line message.
+    """
+    if not data:
+        raise InputError(f"{name}: the file is empty")
+    notes = []
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w > MAX_SIDE or h > MAX_SIDE:
+                raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
+            if w < 1 or h < 1:
+                raise InputError(f"{name}: the image has no pixels")
+            if im.mode in ("RGB", "RGBA") and ";16" in _rawmode(im):
+                # Pillow would cut 16-bit colour to its high byte: decode it at full depth instead
+                # (OpenCV gives BGR order: flip back to the file's RGB).
+                array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+                if array is None:
+                    raise InputError(f"{name}: cannot decode this 16-bit colour image")
+                array = array[..., 2::-1] if array.ndim == 3 else array
+                notes.append("16-bit image: rescaled to 8 bits by its own intensity range")
+            else:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                    im = Image.alpha_composite(background, im.convert("RGBA"))
+                    notes.append("transparency flattened onto black")
+                if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                    notes.append(f"{'16-bit' if im.mode.startswith('I;16') else 'high bit-depth'} image: "
+                                 "rescaled to 8 bits by its own intensity range")
+                elif im.mode not in ("L", "RGB"):
+                    im = im.convert("RGB")
+                array = np.asarray(im)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(f"{name}: the image is too large to decode safely") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{name}: the image is corrupt or truncated ({str(error).splitlines()[0]})") from None
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
+        notes.append("grayscale image: repeated into the three channels the model reads "
+                     "(pre-contrast, FLAIR, post-contrast), so expect weaker results")
+    try:
+        return Slice(to_rgb_uint8(array), notes)
+    except ValueError as error:
+        raise InputError(f"{name}: {error}") from None
+
+
+def read_upload(path: str | Path) -> bytes:
+    """The bytes of an uploaded file, refusing missing or oversized files with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path.name}: file not found")
+    size = path.stat().st_size
+    if size > MAX_FILE_MB * 2**20:
+        raise InputError(f"{path.name}: the file is {size / 2**20:.0f} MB; at most {MAX_FILE_MB} MB is accepted")
+    return path.read_bytes()
+
+
+def load_slice(path: str | Path) -> Slice:
+    return decode_image(read_upload(path), Path(path).name)
+
+
+def mask_from_image(image: np.ndarray) -> np.ndarray:
+    """A reference mask image (0/255 or 0/1, gray or colour) -> HxW bool."""
+    gray = image.max(axis=2) if image.ndim == 3 else image
+    return gray > (127 if gray.max() > 1 else 0)
+
+
+def load_mask(data: bytes, name: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return mask_from_image(np.asarray(im.convert("L")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction and what is shown of it
+
+def predict(model, image: np.ndarray) -> np.ndarray:
+    """RGB uint8 slice of any size -> tumor probability (H, W) float32."""
+    return predict_proba(model, [image])[0]
+
+
+def threshold_mask(model, prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Probability -> mask with the model's post-processing; the minimum component area
+    (set for the model's input size) is scaled to the image's own size."""
+    scale = prob.size / float(model.image_size**2)
+    return postprocess(prob, threshold, int(round(model.min_component_area * scale)))
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """Non-background pixels: any channel brighter than BACKGROUND_LEVEL."""
+    return image.max(axis=2) > BACKGROUND_LEVEL
+
+
+def summarize(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float,
+              reference: np.ndarray | None = None) -> dict:
+    """The JSON-able facts of one prediction: area in pixels and as a share of the brain, and Dice."""
+    tumor = int(mask.sum())
+    brain = int((brain_mask(image) | mask).sum())
+    out = {
+        "tumor_found": tumor > 0,
+        "tumor_pixels": tumor,
+        "brain_pixels": brain,
+        "tumor_share_of_brain": round(tumor / brain, 6) if brain else 0.0,
+        "threshold": round(float(threshold), 4),
+        "max_probability": round(float(prob.max()), 4),
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+    }
+    if reference is not None:
+        counts = pixel_counts(mask[None], reference[None])[0]
+        out["reference_pixels"] = int(counts[2])
+        out["dice"] = round(float(dice(*counts)), 4)
+    return out
+
+
+def draw_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """The slice with the predicted tumor filled and outlined in red (reference outlined in blue)."""
+    out = image.astype(np.float32)
+    out[mask] = out[mask] * (1 - FILL_ALPHA) + np.array(PRED_COLOR, np.float32) * FILL_ALPHA
+    out = np.ascontiguousarray(out.round().astype(np.uint8))
+    thickness = max(1, round(max(image.shape[:2]) / 256))
+    for m, color in ((mask, PRED_COLOR), (reference, REF_COLOR)):
+        if m is not None and m.any():
+            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(out, contours, -1, color, thickness)
+    return out
+
+
+def probability_image(prob: np.ndarray) -> np.ndarray:
+    """Probability map in the inferno colour map, as RGB (OpenCV's colour maps are BGR)."""
+    heat = cv2.applyColorMap((np.clip(prob, 0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_INFERNO)
+    return np.ascontiguousarray(heat[..., ::-1])
+
+
+def segment_image(model, path: str | Path, threshold: float | None = None,
+                  reference_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """An image file -> (overlay RGB uint8, mask uint8 0/255, summary dict). The API's function.
+
+    ``threshold`` defaults to the model's; ``reference_path`` adds the Dice against that mask.
+    Raises InputError (one line) for anything that is not a usable image.
+    """
+    sl = load_slice(path)
+    threshold = model.threshold if threshold is None else float(threshold)
+    reference = None
+    if reference_path is not None:
+        reference = load_mask(read_upload(reference_path), Path(reference_path).name)
+        if reference.shape != sl.image.shape[:2]:
+            raise InputError(f"reference mask is {reference.shape[1]}x{reference.shape[0]} but the slice is "
+                             f"{sl.image.shape[1]}x{sl.image.shape[0]}")
+    prob = predict(model, sl.image)
+    mask = threshold_mask(model, prob, threshold)
+    summary = summarize(sl.image, prob, mask, threshold, reference)
+    summary["notes"] = sl.notes
+    return draw_overlay(sl.image, mask, reference), mask.astype(np.uint8) * 255, summary
+
+
+def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = False) -> str:
+    t = summary["threshold"]
+    if summary["tumor_found"]:
+        share = summary["tumor_share_of_brain"] * 100
+        text = (f"### Tumor found: {summary['tumor_pixels']:,} pixels\n"
+                f"That is **{share:.1f} %** of the brain ({summary['brain_pixels']:,} pixels) at threshold {t:.2f}.")
+    else:
+        text = (f"### No tumor found\nNo pixel reaches threshold {t:.2f}; the highest tumor probability on this "
+                f"slice is {summary['max_probability']:.2f}. Lower the threshold to see less certain regions.")
+    if "dice" in summary:
+        both_empty = summary["reference_pixels"] == 0 and not summary["tumor_found"]
+        text += (f"\n\n**Dice against the reference mask: {summary['dice']:.3f}**"
+                 + (" (no tumor in either)" if both_empty else " (blue outline: reference)"))
+    if synthetic:
+        text += "\n\n*This example is a synthetic phantom made by the project, not a real MRI.*"
+    for note in notes:
+        text += f"\n\n*Note: {note}.*"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes: several slices of one patient, or a zip of them
+
+def natural_key(name: str) -> list:
+    """'P_10.tif' after 'P_9.tif': digits compare as numbers."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[str, np.ndarray]]:
+    """Files and zips -> (slice names, slices, reference masks by name), in natural name order.
+
+    Files named ``<name>_mask.<ext>`` are reference masks of ``<name>``; everything else that
+    is not an image is refused with one line.
+    """
+    files: list[tuple[str, bytes]] = []
+    for path in paths:
+        path = Path(path)
+        if path.suffix.lower() != ".zip":
+            files.append((path.name, read_upload(path)))
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [m for m in archive.infolist() if not m.is_dir() and "__MACOSX" not in m.filename
+                           and not Path(m.filename).name.startswith(".")
+                           and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES]
+                if len(members) > 2 * MAX_VOLUME_SLICES:
+                    raise InputError(f"{path.name}: {len(members)} images; at most {MAX_VOLUME_SLICES} slices are accepted")
+                if sum(m.file_size for m in members) > 4 * MAX_FILE_MB * 2**20:
+                    raise InputError(f"{path.name}: the zip unpacks to more than {4 * MAX_FILE_MB} MB")
+                files += [(Path(m.filename).name, archive.read(m)) for m in members]
+        except zipfile.BadZipFile:
+            raise InputError(f"{path.name}: not a valid zip file") from None
+    masks = {}
+    slices = {}
+    for name, data in files:
+        stem = Path(name).stem
+        if stem.endswith("_mask"):
+            try:
+                masks[stem[:-5]] = load_mask(data, name)
+            except (OSError, ValueError, SyntaxError):
+                raise InputError(f"{name}: the mask is not a readable image") from None
+        else:
+            slices[stem] = decode_image(data, name)
+    if not slices:
+        raise InputError("no image slices found among the uploaded files")
+    if len(slices) > MAX_VOLUME_SLICES:
+        raise InputError(f"{len(slices)} slices; at most {MAX_VOLUME_SLICES} are accepted")
+    if sum(s.image.shape[0] * s.image.shape[1] for s in slices.values()) > MAX_VOLUME_PIXELS:
+        raise InputError(f"the slices hold more than {MAX_VOLUME_PIXELS / 1e6:.0f} megapixels in all")
+    names = sorted(slices, key=natural_key)
+    for name in names:
+        if name in masks and masks[name].shape != slices[name].image.shape[:2]:
+            raise InputError(f"{name}_mask: mask size differs from its slice")
+    return names, [slices[n] for n in names], {n: masks[n] for n in names if n in masks}
+
+
+def volume_results(model, names: list[str], images: list[np.ndarray], probs: list[np.ndarray],
+                   references: dict[str, np.ndarray], threshold: float) -> tuple[list, list[np.ndarray], dict]:
+    """Threshold every slice: (gallery items (overlay, caption), masks, volume summary)."""
+    gallery, masks, counts = [], [], []
+    tumor_total = brain_total = 0
+    for name, image, prob in zip(names, images, probs):
+        mask = threshold_mask(model, prob, threshold)
+        ref = references.get(name)
+        caption = f"{name}: {int(mask.sum()):,} px" if mask.any() else f"{name}: no tumor"
+        if ref is not None:
+            c = pixel_counts(mask[None], ref[None])[0]
+            counts.append(c)
+            caption += f" · Dice {float(dice(*c)):.2f}"
+        gallery.append((draw_overlay(image, mask, ref), caption))
+        masks.append(mask)
+        tumor_total += int(mask.sum())
+        brain_total += int((brain_mask(image) | mask).sum())
+    areas = [int(m.sum()) for m in masks]
+    summary = {
+        "slices": len(names),
+        "slices_with_tumor": sum(a > 0 for a in areas),
+        "tumor_pixels": tumor_total,
+        "brain_pixels": brain_total,
+        "tumor_share_of_brain": round(tumor_total / brain_total, 6) if brain_total else 0.0,
+        "largest_slice": names[int(np.argmax(areas))] if tumor_total else None,
+        "threshold": round(float(threshold), 4),
+        "per_slice_pixels": dict(zip(names, areas)),
+    }
+    if counts:
+        total = np.sum(counts, axis=0)
+        summary["references"] = len(counts)
+        summary["dice"] = round(float(dice(*total)), 4)
+    return gallery, masks, summary
+
+
+def volume_markdown(summary: dict) -> str:
+    if not summary["tumor_pixels"]:
+        text = (f"### No tumor found on any of the {summary['slices']} slices\n"
+                f"(threshold {summary['threshold']:.2f})")
+    else:
+        text = (f"### Tumor on {summary['slices_with_tumor']} of {summary['slices']} slices: "
+                f"{summary['tumor_pixels']:,} pixels in all\n"
+                f"That is **{summary['tumor_share_of_brain'] * 100:.1f} %** of the brain across the slices "
+                f"({summary['brain_pixels']:,} pixels); the largest area is on {summary['largest_slice']} "
+                f"(threshold {summary['threshold']:.2f}).")
+    if "dice" in summary:
+        text += (f"\n\n**Dice against the reference masks (whole volume, {summary['references']} slices): "
+                 f"{summary['dice']:.3f}**")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples
+
+@dataclass(frozen=True)
+class Example:
+    image: Path  # a PNG copy in the app's work folder (browsers cannot show TIFF)
+    mask: Path | None  # reference mask PNG (0/255), if there is one
+    caption: str
+    synthetic: bool
+
+
+def find_examples(folder: Path, limit: int = 8) -> list[tuple[Path, Path | None, str]]:
+    """(image, reference mask or None, 'tumor'|'healthy'|'') from a folder of images or a kaggle_3m folder."""
+    from unet.data import find_kaggle_3m, scan_dataset
+
+    root = find_kaggle_3m(folder)
+    if any(root.glob("*/*_mask.tif")):  # a kaggle_3m folder: two tumor and two healthy slices
+        df = scan_dataset(root, check_images=False)
+        df["middle"] = (df["slice"] - df.groupby("patient")["slice"].transform("median")).abs()
+        tumor = df[df["has_tumor"]].sort_values("tumor_pixels", ascending=False).drop_duplicates("patient").head(limit // 2)
+        healthy = df[~df["has_tumor"]].sort_values(["middle", "patient"]).drop_duplicates("patient").head(limit // 2)
+        return ([(Path(r.image_path), Path(r.mask_path), "tumor") for r in tumor.itertuples()]
+                + [(Path(r.image_path), Path(r.mask_path), "healthy") for r in healthy.itertuples()])
+    found = []
+    for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_mask"):
+            continue
+        mask = next((m for m in (path.with_name(f"{path.stem}_mask{s}") for s in IMAGE_SUFFIXES) if m.is_file()), None)
+        kind = next((k for k in ("tumor", "healthy") if path.stem.lower().endswith(k)), "")
+        found.append((path, mask, kind))
+    found.sort(key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2))
+    return found[:limit]
+
+
+def prepare_examples(folder: Path, out_dir: Path, synthetic: bool) -> list[Example]:
+    """Decode each example (TIFF included) once and write PNG copies the browser can show."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for i, (path, mask_path, kind) in enumerate(find_examples(folder)):
+        try:
+            sl = load_slice(path)
+            mask = load_mask(read_upload(mask_path), mask_path.name) if mask_path else None
+        except (InputError, OSError, ValueError) as error:
+            log.warning("skipping example %s: %s", path, error)
+            continue
+        if mask is not None and mask.shape != sl.image.shape[:2]:
+            log.warning("skipping example %s: mask size differs", path)
+            continue
+        if not kind and mask is not None:
+            kind = "tumor" if mask.any() else "healthy"
+        stem = re.sub(r"_(tumor|healthy)$", "", path.stem, flags=re.IGNORECASE)
+        image_out = out_dir / f"{i}_{path.stem}.png"
+        Image.fromarray(sl.image).save(image_out)
+        mask_out = None
+        if mask is not None:
+            mask_out = out_dir / f"{i}_{path.stem}_mask.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_out)
+        caption = f"{kind.capitalize() or 'Example'}: {stem}" + (" (synthetic)" if synthetic and "synthetic" not in stem else "")
+        examples.append(Example(image_out, mask_out, caption, synthetic))
+    return examples
+
+
+def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> tuple[Path, str, bool]:
+    """(folder, where it came from, synthetic): --examples, else the model's, else the project's."""
+    if examples_dir:
+        folder = Path(examples_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"examples folder not found: {folder}")
+        return folder, f"from {folder}", False
+    if serving.examples_dir is not None:
+        return serving.examples_dir, "from the model's repository (held-out test patients)", False
+    return PROJECT_EXAMPLES_DIR, "synthetic phantoms made by examples/make_examples.py, not real MRI", True
+
+
+def model_card_text(model_dir: Path) -> str:
+    """The model card without its YAML header, or '' if there is none."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return ""
+    text = card.read_text(encoding="utf-8", errors="replace")
+    return text.split("---", 2)[2].strip() if text.startswith("---") and text.count("---") >= 2 else text
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+
+CSS = """
+#title h1 { margin-bottom: 0.2em; }
+#disclaimer { border-left: 4px solid #dc2626; padding: 0.4em 0.8em; background: rgba(220, 38, 38, 0.06); }
+#summary h3 { margin-top: 0.2em; }
+"""
+
+
+def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) -> gr.Blocks:
+    """The Gradio app around one loaded model. Tests build it with a tiny model."""
+    model = prepare_for_inference(serving.model)
+    predict(model, np.zeros((model.image_size, model.image_size, 3), np.uint8))  # warm-up: first user waits less
+    work = Path(tempfile.mkdtemp(prefix="brain-mri-app-"))
+    atexit.register(shutil.rmtree, work, True)
+    folder, source, synthetic = choose_examples(serving, examples_dir)
+    examples = prepare_examples(folder, work / "examples", synthetic)
+    if not examples and folder != PROJECT_EXAMPLES_DIR:
+        log.warning("no usable examples in %s; using the project's synthetic examples", folder)
+        folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic phantoms, not real MRI", True
+        examples = prepare_examples(folder, work / "examples", synthetic)
+    log.info("%d examples %s", len(examples), source)
+    default_threshold = round(float(model.threshold), 2)
+
+    def write_file(name: str, write) -> str:
+        """A fresh file in the work folder for a download (Gradio copies it into its cache)."""
+        path = work / uuid.uuid4().hex / name
+        path.parent.mkdir()
+        write(path)
+        return str(path)
+
+    def save_png(name: str, array: np.ndarray) -> str:
+        return write_file(name, lambda p: Image.fromarray(array).save(p))
+
+    def show_single(state: dict, threshold: float) -> tuple:
+        """(overlay, summary markdown, mask file) of the kept probabilities at a threshold."""
+        mask = threshold_mask(model, state["prob"], threshold)
+        summary = summarize(state["image"], state["prob"], mask, threshold, state["reference"])
+        mask_file = save_png(f"{state['name']}_mask.png", mask.astype(np.uint8) * 255)
+        return (draw_overlay(state["image"], mask, state["reference"]),
+                summary_markdown(summary, state["notes"], state["synthetic"]), mask_file)
+
+    def run_single(sl: Slice, name: str, threshold: float, reference=None, synthetic=False) -> tuple:
+        state = {"image": sl.image, "prob": predict(model, sl.image), "reference": reference, "name": name,
+                 "notes": sl.notes, "synthetic": synthetic}
+        overlay, text, mask_file = show_single(state, threshold)
+        return sl.image, overlay, probability_image(state["prob"]), text, mask_file, state
+
+    def failed(message: str) -> tuple:
+        gr.Warning(message)
+        return None, None, None, f"### Could not use this file\n{message}", None, None
+
+    def on_upload(path: str | None, threshold: float) -> tuple:
+        if not path:
+            return None, None, None, "", None, None
+        try:
+            return run_single(load_slice(path), Path(path).stem, threshold)
+        except InputError as error:
+            return failed(str(error))
+
+    def on_example(threshold: float, evt: gr.SelectData) -> tuple:
+        example = examples[evt.index]
+        reference = mask_from_image(np.asarray(Image.open(example.mask))) if example.mask else None
+        outputs = run_single(load_slice(example.image), example.image.stem, threshold, reference, example.synthetic)
+        return (str(example.image),) + outputs
+
+    def on_threshold(state: dict | None, threshold: float) -> tuple:
+        if state is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return show_single(state, threshold)
+
+    def on_volume(paths: list[str] | None, threshold: float, progress=gr.Progress()) -> tuple:
+        if not paths:
+            return None, "", None, None, None
+        try:
+            names, slices, references = read_volume(paths)
+        except InputError as error:
+            gr.Warning(str(error))
+            return None, f"### Could not use these files\n{error}", None, None, None
+        images = [s.image for s in slices]
+        probs = []
+        for i, image in enumerate(images):
+            progress((i, len(images)), desc="segmenting slices")
+            probs.append(predict(model, image))
+        state = {"names": names, "images": images, "probs": probs, "references": references}
+        return show_volume(state, threshold) + (state,)
+
+    def show_volume(state: dict, threshold: float) -> tuple:
+        gallery, masks, summary = volume_results(model, state["names"], state["images"], state["probs"],
+                                                 state["references"], threshold)
+
+        def write_zip(path: Path) -> None:
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+                for name, mask in zip(state["names"], masks):
+                    buffer = io.BytesIO()
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+                    archive.writestr(f"{name}_mask.png", buffer.getvalue())
+
+        plot = pd.DataFrame({"slice": np.arange(1, len(masks) + 1), "tumor pixels": [int(m.sum()) for m in masks]})
+        return gallery, volume_markdown(summary), plot, write_file("masks.zip", write_zip)
+
+    def on_volume_threshold(state: dict | None, threshold: float) -> tuple:
+        if state is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return show_volume(state, threshold)
+
+    def api_segment(image: str, threshold: float) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Segment one MRI slice. image: a PNG, JPEG or TIFF file; threshold: 0..1 (model default if empty).
+        Returns the overlay PNG, the mask PNG (0/255) and a summary (tumor_pixels, tumor_share_of_brain, ...)."""
+        if not image:
+            raise gr.Error("no image given")
+        try:
+            return segment_image(model, image, None if threshold is None else float(threshold))
+        except InputError as error:
+            raise gr.Error(str(error)) from None
+
+    model_line = f"**Model:** {serving.description}"
+    if serving.notice:
+        model_line += f"  \n⚠️ {serving.notice}"
+    card = model_card_text(serving.model_dir)
+    heavy = dict(concurrency_id="model", api_visibility="private")  # the net runs one request at a time
+    light = dict(api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    with gr.Blocks(title="Brain MRI tumor segmentation", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# Brain MRI tumor segmentation\n"
+                    "Upload one axial slice of a brain MRI and a U-Net marks the lower-grade glioma "
+                    "(the FLAIR abnormality) in red. Slices are expected as in the LGG dataset: "
+                    "pre-contrast, FLAIR and post-contrast in the red, green and blue channels.",
+                    elem_id="title")
+        gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        gr.Markdown(model_line, elem_id="model-info")
+        with gr.Tab("One slice"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    upload = gr.File(label="1. Upload an MRI slice (PNG, JPEG or TIFF)", elem_id="upload", height=120)
+                    example_gallery = gr.Gallery(
+                        value=[(str(e.image), e.caption) for e in examples], label=f"…or click an example ({source})",
+                        columns=4, height=190, allow_preview=False, object_fit="contain", elem_id="examples")
+                    threshold = gr.Slider(0.01, 0.99, value=default_threshold, step=0.01, label="2. Threshold",
+                                          info="A pixel is tumor when its probability reaches this. "
+                                               f"Lower finds more; the model's tuned value is {default_threshold:.2f}.",
+                                          elem_id="threshold")
+                    mask_file = gr.File(label="3. Download the mask (PNG, 255 = tumor)", interactive=False,
+                                        elem_id="mask-file", height=80)
+                with gr.Column(scale=2):
+                    summary = gr.Markdown("Upload a slice or click an example to start.", elem_id="summary",
+                                          min_height=110)
+                    with gr.Row():
+                        preview = gr.Image(label="Your slice", format="png", interactive=False, height=300,
+                                           elem_id="preview")
+                        overlay = gr.Image(label="Prediction: tumor in red", format="png", interactive=False,
+                                           height=300, elem_id="overlay")
+                        prob_image = gr.Image(label="Tumor probability (dark 0 → bright 1)", format="png",
+                                              interactive=False, height=300, elem_id="probability")
+            single_state = gr.State(None, time_to_live=3600)
+        with gr.Tab("Volume (several slices)"):
+            gr.Markdown("Upload all slices of one patient, as several files or one zip. Files named "
+                        "`<slice>_mask.png` (or `.tif`) are taken as reference masks and scored with Dice.")
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    volume_upload = gr.File(label="Slices of one patient (images or a .zip)", file_count="multiple",
+                                            elem_id="volume-upload", height=160)
+                    volume_threshold = gr.Slider(0.01, 0.99, value=default_threshold, step=0.01, label="Threshold",
+                                                 elem_id="volume-threshold")
+                    volume_file = gr.File(label="Download all masks (zip)", interactive=False, height=80)
+                    volume_plot = gr.LinePlot(x="slice", y="tumor pixels", label="Tumor area by slice", height=220)
+                with gr.Column(scale=2):
+                    volume_summary = gr.Markdown("", elem_id="volume-summary")
+                    volume_gallery = gr.Gallery(label="Every slice (tumor in red); click to enlarge", columns=5,
+                                                height=560, object_fit="contain", format="png",
+                                                elem_id="volume-gallery")
+            volume_state = gr.State(None, time_to_live=3600)
+        with gr.Accordion("About the model and this demo", open=False):
+            gr.Markdown(f"{model_line}\n\nExamples: {source}.\n\n{card}\n\n---\n{DISCLAIMER}")
+        with gr.Column(visible=False):  # the /segment API endpoint: simple inputs and outputs
+            api_image = gr.File(label="image", type="filepath")
+            api_threshold = gr.Number(value=default_threshold, label="threshold")
+            api_overlay = gr.Image(label="overlay", format="png")
+            api_mask = gr.Image(label="mask", format="png", image_mode="L")
+            api_summary = gr.JSON(label="summary")
+            api_button = gr.Button("segment")
+
+        single_outputs = [preview, overlay, prob_image, summary, mask_file, single_state]
+        upload.upload(on_upload, [upload, threshold], single_outputs, **heavy)
+        upload.clear(lambda: (None, None, None, "Upload a slice or click an example to start.", None, None),
+                     None, single_outputs, api_visibility="private")
+        example_gallery.select(on_example, [threshold], [upload] + single_outputs, **heavy)
+        threshold.change(on_threshold, [single_state, threshold], [overlay, summary, mask_file], **light)
+        volume_outputs = [volume_gallery, volume_summary, volume_plot, volume_file]
+        volume_upload.upload(on_volume, [volume_upload, volume_threshold], volume_outputs + [volume_state], **heavy)
+        volume_threshold.change(on_volume_threshold, [volume_state, volume_threshold], volume_outputs, **light)
+        api_button.click(api_segment, [api_image, api_threshold], [api_overlay, api_mask, api_summary],
+                         api_name="segment", concurrency_id="model")
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, concurrency: int = 1,
+           prevent_thread_lock: bool = False) -> None:
+    """Queue (so concurrent users wait their turn, not fail) and serve, with bounded uploads."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_FILE_MB}mb", theme=gr.themes.Soft(),
+                css=CSS, prevent_thread_lock=prevent_thread_lock, show_error=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    on_spaces = bool(os.environ.get("SPACE_ID"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.environ.get("MODEL_ID"),
+                   help="model folder or Hub repo id (env MODEL_ID; default: the shipped models/brain-mri-unet)")
+    p.add_argument("--revision", default=os.environ.get("MODEL_REVISION"), help="Hub branch, tag or commit (env MODEL_REVISION)")
+    p.add_argument("--examples", default=None,
+                   help="folder of example slices (with <name>_mask.png references) or a kaggle_3m folder "
+                        "(default: the model's examples, else the project's synthetic ones)")
+    p.add_argument("--host", default="0.0.0.0" if on_spaces else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="interface to listen on (default: %(default)s; 0.0.0.0 on Spaces)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="(default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests the model serves at once; more wait in the queue (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.model and not (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
+        log.error("error: no model to serve: %s is missing; pass --model FOLDER_OR_REPO_ID (or set MODEL_ID)",
+                  SHIPPED_MODEL_DIR.relative_to(ROOT))
+        return 2
+    try:
+        serving = load_for_serving(args.model, args.revision)
+        demo = build_demo(serving, args.examples)
+    except Exception as error:  # one line for the operator, not a traceback
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.error("error: cannot start the app with model %s: %s", args.model or SHIPPED_MODEL_DIR.name, first)
+        return 2
+    log.info("serving %s%s", serving.description, f" ({serving.notice})" if serving.notice else "")
+    launch(demo, args.host, args.port, args.concurrency)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet.data import (DatasetError, LGGDataset, eval_transforms, read_image, read_mask, scan_dataset,
+                       split_patients, train_transforms)
+from unet.model import LGG_MEAN, LGG_STD
+from unet.synthetic import make_synthetic_dataset
+
+
+def test_scan_generated_folder(synthetic_dir):
+    df = scan_dataset(synthetic_dir)
+    assert list(df.columns[:4]) == ["patient", "slice", "image_path", "mask_path"]
+    assert df["patient"].nunique() == 8 and len(df) == 80
+    # slices are numbered 1..n and sorted numerically, not as strings (10 after 9)
+    first = df[df["patient"] == df["patient"].iloc[0]]
+    assert first["slice"].tolist() == list(range(1, 11))
+    # has_tumor agrees with the masks on disk
+    for _, row in df.sample(10, random_state=0).iterrows():
+        assert row["has_tumor"] == bool(read_mask(row["mask_path"]).any())
+    healthy = df.groupby("patient")["has_tumor"].any()
+    assert (~healthy).sum() == 1
+
+
+def test_scan_accepts_the_parent_folder(synthetic_dir):
+    assert len(scan_dataset(synthetic_dir.parent)) == len(scan_dataset(synthetic_dir))
+
+
+@pytest.fixture
+def small_copy(tmp_path):
+    return make_synthetic_dataset(tmp_path, patients=2, slices=3, size=64)
+
+
+def test_missing_mask_is_named(small_copy):
+    victim = sorted(small_copy.glob("*/*_2_mask.tif"))[0]
+    victim.unlink()
+    with pytest.raises(DatasetError, match="missing mask.*_2.tif"):
+        scan_dataset(small_copy)
+
+
+def test_corrupt_image_is_named(small_copy):
+    victim = sorted(small_copy.glob("*/*_1.tif"))[0]
+    victim.write_bytes(b"II*\x00 this is not a tiff")
+    with pytest.raises(DatasetError, match=f"cannot read image.*{victim.name}"):
+        scan_dataset(small_copy)
+
+
+def test_size_mismatch_is_named(small_copy):
+    victim = sorted(small_copy.glob("*/*_3_mask.tif"))[0]
+    cv2.imwrite(str(victim), np.zeros((32, 64), np.uint8))
+    with pytest.raises(DatasetError, match="size mismatch.*_3.tif"):
+        scan_dataset(small_copy)
+
+
+def test_empty_and_absent_folders(tmp_path):
+    with pytest.raises(DatasetError, match="no slices found"):
+        scan_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="not found"):
+        scan_dataset(tmp_path / "nope")
+
+
+def test_errors_are_one_line(small_copy):
+    sorted(small_copy.glob("*/*_1.tif"))[0].write_bytes(b"")
+    with pytest.raises(DatasetError) as info:
+        scan_dataset(small_copy)
+    assert "\n" not in str(info.value)
+
+
+def test_read_image_gives_file_order_like_pillow(synthetic_dir):
+    path = sorted(synthetic_dir.glob("*/*_5.tif"))[0]
+    assert np.array_equal(read_image(path), np.array(Image.open(path).convert("RGB")))
+    # the generator puts the tumor's hyperintensity in FLAIR, the middle channel
+    mask = read_mask(str(path).replace(".tif", "_mask.tif"))
+    if mask.any():
+        image = read_image(path).astype(float)
+        assert image[mask > 0, 1].mean() > image[mask > 0, 0].mean() + 40
+
+
+def test_split_is_by_patient_and_reproducible(synthetic_dir):
+    df = scan_dataset(synthetic_dir)
+    a = split_patients(df, 0.25, 0.25, seed=1)
+    b = split_patients(df, 0.25, 0.25, seed=1)
+    assert a == b
+    sets = [set(a[k]) for k in ("train", "val", "test")]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert set().union(*sets) == set(df["patient"])
+    assert len(a["val"]) == 2 and len(a["test"]) == 2
+    assert split_patients(df, 0.25, 0.25, seed=2) != a
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    image = np.zeros((256, 256, 3), np.uint8)
+    mask = np.zeros((256, 256), np.uint8)
+    for _ in range(3):  # asymmetric blobs, so a flip of one but not the other would show
+        y, x = rng.integers(40, 200, 2)
+        cv2.ellipse(mask, (int(x), int(y)), (int(rng.integers(8, 30)), int(rng.integers(8, 20))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    image[mask > 0] = 200
+    transform = train_transforms(256)
+    for seed in range(20):
+        np.random.seed(seed)
+        out = transform(image=image, mask=mask)
+        bright = out["image"][..., 1] > 100
+        moved = out["mask"] > 0
+        intersection = (bright & moved).sum()
+        assert intersection / max((bright | moved).sum(), 1) > 0.9
+
+
+def test_dataset_items_are_normalised_tensors(synthetic_dir):
+    df = scan_dataset(synthetic_dir).head(6)
+    dataset = LGGDataset(df, eval_transforms(128), LGG_MEAN, LGG_STD)
+    image, mask = dataset[3]
+    assert image.shape == (3, 128, 128) and image.dtype == torch.float32
+    assert mask.shape == (1, 128, 128) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    raw = cv2.resize(read_image(df["image_path"].iloc[3]), (128, 128), interpolation=cv2.INTER_LINEAR)
+    expected = (raw[..., 1] / 255.0 - LGG_MEAN[1]) / LGG_STD[1]
+    assert np.allclose(image[1].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.real_data
+def test_real_subset_scans_and_splits(real_data_dir):
+    df = scan_dataset(real_data_dir)
+    assert df["patient"].nunique() == 60 and len(df) == 2191 and int(df["has_tumor"].sum()) == 749
+    splits = split_patients(df)
+    assert sum(len(v) for v in splits.values()) == 60
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
+    assert not set(splits["val"]) & set(splits["test"])
+    # every institution that has at least three patients reaches training
+    institutions = {p.split("_")[1] for p in splits["train"]}
+    assert {"CS", "DU", "HT"} <= institutions
+    # file (RGB) order on real scans: what OpenCV decodes is flipped back to Pillow's order
+    for path in df["image_path"].sample(5, random_state=0):
+        with Image.open(path) as im:
+            assert np.array_equal(read_image(path), np.array(im.convert("RGB")))

@@ -1,0 +1,331 @@
+"""Push and pull through a local Hub (tests/hub_server.py) with the unmodified huggingface_hub client.
+
+In-process tests point the client at the server by setting HF_ENDPOINT at call time (unet.hub
+reads it then and passes ``endpoint=`` on) and by monkeypatching the few constants the client
+reads at import (cache folder, token file, Xet). Subprocess tests set the environment before
+the client is imported, as a user would.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, constants
+from PIL import Image
+from safetensors.torch import load_file
+
+from hub_server import HubServer
+from unet import hub
+from unet.card import card_data
+from unet.data import read_image, read_mask
+from unet.model import load_model
+from unet.push import examples_frame, push_model, select_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+ALICE, BOB = "hf_test_alice_0123456789", "hf_test_bob_0123456789"
+
+
+@pytest.fixture
+def server():
+    with HubServer(tokens={ALICE: "alice", BOB: "bob"}) as running:
+        yield running
+
+
+@pytest.fixture
+def hub_env(server, monkeypatch, tmp_path):
+    """This process talks to ``server`` as alice, with an empty cache of its own."""
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    for name in ("MODEL_ID", "MODEL_REVISION", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return server
+
+
+def fresh_cache(monkeypatch, tmp_path, name: str) -> Path:
+    cache = tmp_path / name
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def dead_endpoint() -> str:
+    """A local port with nothing listening: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def subprocess_env(server_url: str, token: str, home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "MODEL_"))}
+    env.update(HF_ENDPOINT=server_url, HF_TOKEN=token, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the synthetic model that a test may change."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def test_slices(trained_run, tiny_model_dir):
+    return examples_frame(trained_run / "synthetic", tiny_model_dir, "test")
+
+
+# ---- push, then pull into a fresh cache ------------------------------------------------------------
+
+
+def test_push_then_pull_gives_the_same_model(hub_env, tiny_model_dir, test_slices, monkeypatch, tmp_path):
+    before = digest(tiny_model_dir)
+    assert push_model(tiny_model_dir, "alice/unet-tiny", examples_from=test_slices) == 0
+    assert digest(tiny_model_dir) == before  # nothing written into the model folder (no examples/ there)
+
+    cache = fresh_cache(monkeypatch, tmp_path, "fresh_cache")
+    pulled = hub.resolve_model_dir("alice/unet-tiny")
+    assert pulled.is_relative_to(cache)
+    for name in ("config.json", "metrics.json", "curves.png"):
+        assert (pulled / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+    local, remote = load_file(tiny_model_dir / "model.safetensors"), load_file(pulled / "model.safetensors")
+    assert local.keys() == remote.keys()
+    assert all(torch.equal(local[k], remote[k]) for k in local)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tiny_model_dir))(x), load_model("alice/unet-tiny")(x))
+
+    # the card: Hub metadata that ModelCard parses, the repo id in its usage lines, the warning
+    card = ModelCard.load(pulled / "README.md")
+    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
+    assert card.data.to_dict() == card_data(metrics).to_dict()
+    assert card.data.license == "mit" and card.data.pipeline_tag == "image-segmentation"
+    assert "alice/unet-tiny" in card.text and "not for clinical use" in card.text
+    info = HfApi(endpoint=hub_env.url).model_info("alice/unet-tiny")
+    assert info.pipeline_tag == "image-segmentation" and info.card_data.license == "mit"
+
+    # the examples: test-split slices, lossless, in file order, with 0/255 masks
+    examples = sorted((pulled / "examples").iterdir())
+    images = [p for p in examples if not p.stem.endswith("_mask")]
+    assert {p.stem.rsplit("_", 1)[1] for p in images} == {"tumor", "healthy"}
+    for image_path in images:
+        patient, n, kind = image_path.stem.rsplit("_", 2)
+        row = test_slices[(test_slices["patient"] == patient) & (test_slices["slice"] == int(n))].iloc[0]
+        assert np.array_equal(np.asarray(Image.open(image_path)), read_image(row.image_path))
+        mask = np.asarray(Image.open(image_path.with_name(image_path.stem + "_mask.png")))
+        assert set(np.unique(mask)) <= {0, 255} and np.array_equal(mask // 255, read_mask(row.mask_path))
+        assert (kind == "tumor") == bool(row.has_tumor)
+
+
+def test_repush_is_a_second_commit_and_branches_work(hub_env, model_copy, monkeypatch, tmp_path):
+    api = HfApi(endpoint=hub_env.url)
+    assert push_model(model_copy, "alice/unet-repush") == 0
+    first = api.model_info("alice/unet-repush").sha
+
+    metrics = json.loads((model_copy / "metrics.json").read_text())
+    metrics["note"] = "retrained"
+    (model_copy / "metrics.json").write_text(json.dumps(metrics))
+    assert push_model(model_copy, "alice/unet-repush") == 0  # the repo exists: create_repo answers 409
+    second = api.model_info("alice/unet-repush").sha
+    assert second != first
+    assert hub_env.state.requests.count("POST /api/repos/create") == 2
+    assert len(hub_env.state.repos["alice/unet-repush"].commits) == 3  # the initial commit and two pushes
+
+    (model_copy / "curves.png").unlink()  # a file gone from the folder goes from the repo too
+    assert push_model(model_copy, "alice/unet-repush", revision="experiment") == 0
+    assert "curves.png" not in api.list_repo_files("alice/unet-repush", revision="experiment")
+    assert api.model_info("alice/unet-repush").sha == second  # main untouched
+    fresh_cache(monkeypatch, tmp_path, "branch_cache")
+    pulled = hub.resolve_model_dir("alice/unet-repush", revision="experiment")
+    assert json.loads((pulled / "metrics.json").read_text())["note"] == "retrained"
+
+
+def test_private_repo_needs_its_owners_token(hub_env, model_copy, monkeypatch):
+    assert push_model(model_copy, "alice/unet-private", private=True) == 0
+    assert hub_env.state.repos["alice/unet-private"].private
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    with pytest.raises(FileNotFoundError, match="alice/unet-private not found.*HF_TOKEN"):
+        hub.resolve_model_dir("alice/unet-private")
+
+
+# ---- failed pushes: one clear line, nothing lost, no token ---------------------------------------
+
+
+def test_wrong_token_fails_clearly_and_keeps_the_model(hub_env, model_copy, monkeypatch, caplog):
+    wrong = "hf_wrong_secret_token_987654321"
+    monkeypatch.setenv("HF_TOKEN", wrong)
+    before = digest(model_copy)
+    with caplog.at_level(logging.INFO):
+        assert push_model(model_copy, "alice/unet-wrong-token") != 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "401" in errors[0] and "HF_TOKEN" in errors[0]
+    assert f"retry with: python -m unet.push --model {model_copy} --repo-id alice/unet-wrong-token" in errors[0]
+    assert wrong not in caplog.text
+    assert digest(model_copy) == before
+    assert "alice/unet-wrong-token" not in hub_env.state.repos
+
+
+def test_cli_with_wrong_token_never_prints_it(server, model_copy, tmp_path):
+    wrong = "hf_wrong_secret_token_987654321"
+    result = subprocess.run([sys.executable, "-m", "unet.push", "--model", str(model_copy), "--repo-id", "alice/cli"],
+                            cwd=ROOT, env=subprocess_env(server.url, wrong, tmp_path / "home"),
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "push to" in output and "failed: 401" in output and "retry with: python -m unet.push" in output
+    assert wrong not in output
+
+
+def test_other_namespace_is_forbidden(hub_env, model_copy, caplog):
+    assert push_model(model_copy, "bob/not-yours") != 0
+    assert "403" in caplog.text and "bob" in caplog.text
+
+
+def test_no_token_says_how_to_log_in(hub_env, model_copy, monkeypatch, caplog):
+    monkeypatch.delenv("HF_TOKEN")
+    assert push_model(model_copy, "alice/unet-no-token") != 0
+    assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in caplog.text
+
+
+def test_dead_endpoint_push_fails_fast(hub_env, model_copy, monkeypatch, caplog):
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+    started = time.monotonic()
+    assert push_model(model_copy, "alice/unet-offline") != 0
+    assert time.monotonic() - started < 10
+    assert "cannot reach" in caplog.text and "HF_ENDPOINT" in caplog.text
+
+
+# ---- pull errors and offline fallbacks -----------------------------------------------------------
+
+
+def test_missing_repo_is_a_clear_error(hub_env):
+    with pytest.raises(FileNotFoundError, match="model repo alice/does-not-exist not found at http://127.0.0.1"):
+        hub.resolve_model_dir("alice/does-not-exist")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        hub.load_for_serving("alice/does-not-exist")  # a wrong MODEL_ID is an error, not a silent fallback
+    with pytest.raises(FileNotFoundError, match="neither a model folder nor a Hub repo id"):
+        hub.resolve_model_dir("runs/no/such/model")
+
+
+def test_pickle_only_repo_is_refused(hub_env, model_copy, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(model_copy / "config.json", folder)
+    torch.save(load_file(model_copy / "model.safetensors"), folder / "pytorch_model.bin")
+    api = HfApi(endpoint=hub_env.url)
+    api.create_repo("alice/pickled")
+    api.upload_folder(repo_id="alice/pickled", folder_path=folder)
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors \(only pytorch_model.bin: pickled weights are refused\)"):
+        load_model("alice/pickled")
+
+
+def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch):
+    assert push_model(model_copy, "alice/unet-cached") == 0
+    online = hub.load_for_serving("alice/unet-cached")
+    assert online.notice is None and online.description.startswith("alice/unet-cached @ main (")
+
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+    started = time.monotonic()
+    offline = hub.load_for_serving("alice/unet-cached")
+    assert time.monotonic() - started < 10
+    assert offline.model_dir == online.model_dir
+    assert "offline" in offline.notice and "cached copy of alice/unet-cached" in offline.notice
+    assert offline.examples_dir is None  # pushed without examples
+
+
+def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)  # the real one may not be trained yet
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+    fresh_cache(monkeypatch, tmp_path, "empty_cache")
+    started = time.monotonic()
+    serving = hub.load_for_serving("alice/never-pulled")
+    assert time.monotonic() - started < 10
+    assert serving.model_dir == tiny_model_dir and serving.description.startswith("shipped model")
+    assert "no cached copy of alice/never-pulled" in serving.notice and "shipped model" in serving.notice
+    with pytest.raises(hub.HubUnavailable):
+        hub.resolve_model_dir("alice/never-pulled")
+
+
+def test_model_id_selects_the_model(hub_env, model_copy, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)
+    assert hub.load_for_serving().model_dir == tiny_model_dir
+    assert push_model(model_copy, "alice/unet-env") == 0
+    monkeypatch.setenv("MODEL_ID", "alice/unet-env")
+    assert hub.load_for_serving().description.startswith("alice/unet-env @ main")
+
+
+# ---- card and examples ---------------------------------------------------------------------------
+
+
+def test_card_metadata_round_trips(tiny_model_dir):
+    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
+    card = ModelCard.load(tiny_model_dir / "README.md")
+    assert card.data.to_dict() == card_data(metrics).to_dict()
+    assert "synthetic-data" in card.data.tags  # a smoke-test model says so
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["Mean patient Dice"] == round(metrics["test"]["patient_dice_mean"], 4)
+    for text in ("Not a medical device and not for clinical use", metrics["command"], *metrics["splits"]["test"]):
+        assert text in card.text
+
+
+def test_card_of_real_data_names_the_dataset_and_skips_missing_metrics():
+    metrics = {"data": "../shared/data/lgg_subset", "test": {"patient_dice_mean": 0.81, "tumor_slice_dice_mean": float("nan")}}
+    data = card_data(metrics)
+    assert data.datasets == ["mateuszbuda/lgg-mri-segmentation"] and data.license == "mit"
+    assert [r.metric_name for r in data.eval_results] == ["Mean patient Dice"]
+
+
+def test_examples_are_tumor_and_healthy_slices_of_different_patients(synthetic_dir):
+    from unet.data import scan_dataset
+
+    frame = scan_dataset(synthetic_dir, check_images=False)
+    chosen = select_examples(frame)
+    tumor, healthy = chosen[chosen["has_tumor"]], chosen[~chosen["has_tumor"]]
+    assert len(tumor) == 3 and tumor["patient"].nunique() == 3
+    assert len(healthy) == 2 and healthy["patient"].nunique() == 2
+    assert chosen.equals(select_examples(frame.sample(frac=1, random_state=0)).loc[chosen.index])
+
+
+# ---- the whole path, as a user runs it ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_push_then_evaluate_from_the_hub(server, tmp_path):
+    out = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, "train.py", "--synthetic", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+         "--image-size", "64", "--width", "4", "--no-tune", "--out-dir", str(out), "--push", "--repo-id", "alice/e2e"],
+        cwd=ROOT, env=subprocess_env(server.url, ALICE, tmp_path / "home_train"), capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert not (out / "model" / "examples").exists()
+    files = HfApi(endpoint=server.url, token=ALICE).list_repo_files("alice/e2e")
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json", "curves.png"} <= set(files)
+    assert any(f.endswith("_tumor.png") for f in files) and any(f.endswith("_healthy_mask.png") for f in files)
+
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "unet.evaluate", "--data-dir", str(out / "synthetic"), "--model", "alice/e2e",
+         "--split", "test", "--json"],
+        cwd=ROOT, env=subprocess_env(server.url, ALICE, tmp_path / "home_eval"), capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    pushed = json.loads((out / "model" / "metrics.json").read_text())["test"]
+    assert json.loads(evaluate.stdout.strip().splitlines()[-1])["patient_dice_mean"] == pytest.approx(pushed["patient_dice_mean"])

@@ -1,0 +1,83 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unet.inference import postprocess
+from unet.losses import BCEDiceLoss, dice_loss
+from unet.metrics import pixel_counts, summarize
+
+
+def test_dice_loss_by_hand():
+    # sigmoid(0) = 0.5 everywhere; target has 2 of 4 pixels: soft Dice = (2*1 + 1) / (2 + 2 + 1)
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert dice_loss(logits, target).item() == pytest.approx(1 - 3 / 5)
+    # a confident perfect prediction has loss ~0; the exact opposite ~1
+    assert dice_loss((target * 2 - 1) * 50, target).item() == pytest.approx(0, abs=1e-6)
+    assert dice_loss((1 - target * 2) * 50, target).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
+
+
+def test_dice_loss_on_empty_target_rewards_empty_prediction():
+    target = torch.zeros(1, 1, 4, 4)
+    assert dice_loss(torch.full((1, 1, 4, 4), -50.0), target).item() == pytest.approx(0, abs=1e-6)
+    assert dice_loss(torch.full((1, 1, 4, 4), 50.0), target).item() == pytest.approx(1 - 1 / 17, abs=1e-6)
+
+
+def test_bce_dice_is_the_sum_on_logits():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.7).float()
+    expected = F.binary_cross_entropy(torch.sigmoid(logits), target) + dice_loss(logits, target)
+    assert BCEDiceLoss()(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    # bf16 logits are promoted: same loss within bf16 rounding
+    assert BCEDiceLoss()(logits.bfloat16(), target).dtype == torch.float32
+
+
+def masks(*rows):
+    return np.array(rows, dtype=bool).reshape(len(rows), 1, -1)
+
+
+def test_metrics_by_hand():
+    # patient A: slice 1 pred 2 px, ref 2 px, overlap 1 -> Dice 0.5; slice 2 both empty -> 1
+    # patient B: slice 3 healthy, pred 1 px -> Dice 0, a false positive; slice 4 ref 2 px, pred 2 same -> 1
+    pred = masks([1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1])
+    ref = masks([0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1])
+    counts = pixel_counts(pred, ref)
+    assert counts.tolist() == [[1, 2, 2], [0, 0, 0], [0, 1, 0], [2, 2, 2]]
+    m = summarize(counts, ["A", "A", "B", "B"])
+    assert m["slice_dice_mean"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    assert m["tumor_slice_dice_mean"] == pytest.approx((0.5 + 1) / 2)
+    assert m["healthy_fp_rate"] == pytest.approx(1 / 2)
+    # per patient, pooled: A = 2*1/(2+2) = 0.5; B = 2*2/(3+2) = 0.8
+    assert m["per_patient_dice"] == {"A": 0.5, "B": 0.8}
+    assert m["patient_dice_mean"] == pytest.approx(0.65)
+    assert m["patient_dice_median"] == pytest.approx(0.65)
+    assert m["patient_dice_min"] == pytest.approx(0.5) and m["worst_patient"] == "A"
+    # IoU: 1/3, 1, 0, 1
+    assert m["slice_iou_mean"] == pytest.approx((1 / 3 + 1 + 0 + 1) / 4)
+    assert (m["patients"], m["slices"], m["tumor_slices"]) == (2, 4, 2)
+
+
+def test_metrics_without_healthy_or_tumor_slices():
+    m = summarize(pixel_counts(masks([1, 0]), masks([1, 0])), ["A"])
+    assert m["patient_dice_mean"] == 1.0 and math.isnan(m["healthy_fp_rate"])
+    m = summarize(pixel_counts(masks([0, 0]), masks([0, 0])), ["A"])
+    assert m["slice_dice_mean"] == 1.0 and math.isnan(m["tumor_slice_dice_mean"]) and m["healthy_fp_rate"] == 0.0
+
+
+def test_metrics_reject_mismatched_ids():
+    with pytest.raises(ValueError, match="patient ids"):
+        summarize(np.zeros((3, 3)), ["A"])
+
+
+def test_postprocess_threshold_and_small_components():
+    prob = np.zeros((20, 20), np.float32)
+    prob[2:10, 2:10] = 0.9   # 64 px
+    prob[15:17, 15:17] = 0.9  # 4 px speck
+    prob[12, 2] = 0.55
+    assert postprocess(prob, 0.5).sum() == 64 + 4 + 1
+    assert postprocess(prob, 0.6).sum() == 68
+    assert postprocess(prob, 0.5, min_component_area=5).sum() == 64
+    assert postprocess(prob, 0.95).sum() == 0

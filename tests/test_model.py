@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from unet.model import UNet, count_parameters, load_model
+
+
+def double_conv_params(i: int, o: int) -> int:
+    return 9 * i * o + 9 * o * o + 4 * o  # two bias-free 3x3 convs + two BatchNorms (weight, bias)
+
+
+def test_classic_configuration_parameter_count():
+    classic = UNet(width=64, depth=3, upsampling="bilinear")
+    expected = (
+        double_conv_params(3, 64) + double_conv_params(64, 128) + double_conv_params(128, 256)
+        + double_conv_params(256, 512)
+        + double_conv_params(512 + 256, 256) + double_conv_params(256 + 128, 128) + double_conv_params(128 + 64, 64)
+        + 64 + 1  # 1x1 head
+    )
+    assert count_parameters(classic) == expected == 7_785_729
+    # the classic layer widths, in order
+    convs = [m for m in classic.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs[::2][:4]] == [(3, 64), (64, 128), (128, 256), (256, 512)]
+    assert [(d[0].in_channels, d[0].out_channels) for d in classic.decoders] == [(768, 256), (384, 128), (192, 64)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(width=8, depth=2, upsampling="bilinear"), dict(width=8, depth=3)])
+def test_output_is_one_logit_map_per_image(kwargs):
+    model = UNet(**kwargs).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 1, 64, 96)
+    # logits, not probabilities: no sigmoid inside, so a shifted head goes below 0
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in model.modules())
+    model.head.bias.data.fill_(-10.0)
+    with torch.no_grad():
+        assert (model(x) < 0).all()
+
+
+def test_rejects_unknown_options():
+    with pytest.raises(ValueError, match="upsampling"):
+        UNet(upsampling="nearest")
+    with pytest.raises(ValueError, match="channel_order"):
+        UNet(channel_order="GBR")
+
+
+def test_save_load_round_trip_keeps_outputs_and_config(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(width=8, depth=3, image_size=128, threshold=0.4, min_component_area=32, tta_flips=True).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["channel_order"] == "RGB" and config["image_size"] == 128
+    assert config["threshold"] == 0.4 and config["min_component_area"] == 32 and config["tta_flips"] is True
+    loaded = load_model(str(tmp_path))
+    assert loaded.config == model.config
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_post_processing_changed_after_construction_is_saved(tmp_path):
+    model = UNet(width=8, depth=2)
+    model.threshold, model.min_component_area = 0.65, 64
+    model.save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).threshold == 0.65
+    assert json.loads((tmp_path / "config.json").read_text())["min_component_area"] == 64
+
+
+def test_loading_is_strict(tmp_path):
+    UNet(width=8, depth=2).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = dict(weights)
+    missing.pop("head.weight")
+    save_file(missing, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="head.weight"):
+        load_model(str(tmp_path))
+    save_file({**weights, "extra.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="extra.weight"):
+        load_model(str(tmp_path))
+
+
+def test_config_that_does_not_match_weights_is_an_error(tmp_path):
+    UNet(width=8, depth=2).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "width": 16}))
+    with pytest.raises(RuntimeError):
+        load_model(str(tmp_path))
+
+
+def test_folder_without_safetensors_is_refused(tmp_path):
+    UNet(width=8, depth=2).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_model(str(tmp_path))

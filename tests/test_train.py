@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train
+from unet.model import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_synthetic_run_lowers_loss_and_writes_everything(trained_run):
+    history = pd.read_csv(trained_run / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    for name in ("last.pt", "curves.png", "best/model.safetensors", "model/config.json", "model/model.safetensors",
+                 "model/metrics.json", "model/README.md"):
+        assert (trained_run / name).is_file(), name
+    metrics = json.loads((trained_run / "model" / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"train", "val", "test"}
+    assert 0 <= metrics["test"]["patient_dice_mean"] <= 1
+    assert metrics["command"].startswith("python train.py")
+    checkpoint = torch.load(trained_run / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["step_in_epoch"] == 0
+
+
+def test_evaluate_cli_loads_the_trained_model(trained_run):
+    data_dir = trained_run / "synthetic"
+    result = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--model", str(trained_run / "model"),
+                  "--split", "test", "--json"])
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("patient_dice_mean", "tumor_slice_dice_mean", "slice_dice_mean", "healthy_fp_rate", "patients", "slices"):
+        assert key in metrics
+    saved = json.loads((trained_run / "model" / "metrics.json").read_text())["test"]
+    # evaluate and train's final test evaluation are the same code path on the same patients
+    assert metrics["patients"] == saved["patients"] and metrics["slices"] == saved["slices"]
+    assert metrics["patient_dice_mean"] == pytest.approx(saved["patient_dice_mean"], abs=0.02)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "/no/such/folder"], "data folder not found: /no/such/folder"),
+    (["--data-dir", "SYNTH", "--model", "./no/such/model"], "no/such/model"),
+])
+def test_evaluate_cli_errors_are_one_line(trained_run, args, message):
+    args = [str(trained_run / "synthetic") if a == "SYNTH" else a for a in args]
+    if "--model" not in args:
+        args += ["--model", str(trained_run / "model")]
+    result = run(["-m", "unet.evaluate", *args])
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_epoch_indices_are_replayable_and_tumor_weighted():
+    has_tumor = np.array([True] * 10 + [False] * 90)
+    a = train.epoch_indices(has_tumor, 0.5, 4000, seed=3, epoch=7)
+    assert a == train.epoch_indices(has_tumor, 0.5, 4000, seed=3, epoch=7)
+    assert a != train.epoch_indices(has_tumor, 0.5, 4000, seed=3, epoch=8)
+    assert 0.45 < has_tumor[a].mean() < 0.55
+
+
+def test_lr_warms_up_then_decays():
+    factors = [train.lr_factor(s, 10, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.01, abs=0.01)
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_run_resumes_after_kill_mid_epoch(real_data_dir, tmp_path):
+    """A short run on 6 real patients, killed mid-epoch, resumes where it stopped and evaluates."""
+    out = tmp_path / "run"
+    args = ["train.py", "--data-dir", str(real_data_dir), "--patients", "6", "--image-size", "128", "--width", "8",
+            "--epochs", "2", "--steps-per-epoch", "40", "--batch-size", "4", "--checkpoint-every", "5",
+            "--out-dir", str(out), "--seed", "1"]
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = out / "last.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["epoch"] == 0 and state["step_in_epoch"] > 0, "the kill should land mid-epoch"
+    killed_at = state["step_in_epoch"]
+
+    resumed = run(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {checkpoint} at epoch 1, step {killed_at}" in resumed.stderr
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    final = torch.load(checkpoint, weights_only=False)
+    assert final["scheduler"]["last_epoch"] == 80  # every step of both epochs ran exactly once
+
+    evaluated = run(["-m", "unet.evaluate", "--data-dir", str(real_data_dir), "--model", str(out / "model"),
+                     "--patients", *json.loads((out / "model" / "metrics.json").read_text())["splits"]["test"], "--json"])
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["slices"] > 0
+    assert load_model(str(out / "model")).image_size == 128
+
+
+def test_train_reports_bad_data_dir(tmp_path):
+    result = run(["train.py", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "run")])
+    assert result.returncode == 2
+    assert "data folder not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    result = run(["train.py", "--out-dir", str(tmp_path), "--resume"])
+    assert result.returncode == 2 and "no checkpoint" in result.stderr

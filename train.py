@@ -43,7 +43,7 @@ log = logging.getLogger("train")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "lgg_subset"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="kaggle_3m folder or its parent (default: %(default)s)")
@@ -75,15 +75,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling and initialisation")
     run.add_argument("--no-tune", action="store_true", help="keep threshold 0.5 and no post-processing instead of choosing them on validation")
+    run.add_argument("--tta", action="store_true", help="let the tuning consider flip test-time augmentation (doubles inference time)")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push", action="store_true", help="publish OUT_DIR/model to the Hub at the end")
     hub.add_argument("--repo-id", help="USER/NAME on the Hub (with --push)")
     hub.add_argument("--private", action="store_true", help="create the Hub repo private")
     hub.add_argument("--revision", default=None, help="Hub branch to push to (default: main)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.push and not args.repo_id:
         p.error("--push needs --repo-id USER/NAME")
     return args
+
+
+def training_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run: every setting that differs from its default."""
+    parser = build_parser()
+    words = ["python", "train.py"]
+    for key, value in vars(args).items():
+        if key in ("resume", "push", "repo_id", "private", "revision") or value == parser.get_default(key):
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if not isinstance(value, bool):
+            words.append(shlex.quote(str(value)))
+    return " ".join(words)
 
 
 def pick_device(name: str) -> torch.device:
@@ -116,6 +135,22 @@ def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int
                              generator=generator).tolist()
 
 
+def train_step(model: UNet, images: torch.Tensor, masks: torch.Tensor, loss_fn: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: str) -> float:
+    """One optimisation step on a batch: channels_last input, autocast forward, fp32 loss."""
+    device = next(model.parameters()).device
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    masks = masks.to(device, non_blocking=True)
+    with autocast_for(device, precision):
+        logits = model(images)
+    loss = loss_fn(logits, masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """Write then rename, so a kill during the save never leaves a torn checkpoint."""
     tmp = path.with_suffix(".tmp")
@@ -142,14 +177,14 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def tune_postprocessing(model: UNet, val_df: pd.DataFrame) -> dict:
-    """Pick flip TTA, threshold and minimum component area by validation patient Dice.
+def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = False) -> dict:
+    """Pick threshold, minimum component area (and flip TTA) by validation patient Dice.
 
     Ties go to fewer false positives on healthy slices, then to the simpler setting.
     """
     patients = list(val_df["patient"])
     best = None
-    for tta in (False, True):
+    for tta in (False, True) if consider_tta else (False,):
         model.tta_flips = tta
         probs, targets = predict_frame(model, val_df, progress=False)
         for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
@@ -185,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = state["args"]
         # The data, split and model of a run are fixed by its first start; the length may change.
         for key in vars(args):
-            if key not in ("resume", "epochs", "patience", "workers", "device", "push", "repo_id", "private", "revision"):
+            if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
+                           "private", "revision"):
                 setattr(args, key, saved[key])
         log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
-    command = "python train.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -252,17 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=state["step_in_epoch"],
                    total=steps_per_epoch, mininterval=10, file=sys.stderr)
         for images, masks in bar:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            masks = masks.to(device, non_blocking=True)
-            with autocast_for(device, precision):
-                logits = model(images)
-            loss = loss_fn(logits, masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            state["loss_sum"] += train_step(model, images, masks, loss_fn, optimizer, scaler, precision)
             scheduler.step()
-            state["loss_sum"] += loss.item()
             state["step_in_epoch"] += 1
             bar.set_postfix(loss=f"{state['loss_sum'] / state['step_in_epoch']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if state["step_in_epoch"] % args.checkpoint_every == 0 and state["step_in_epoch"] < steps_per_epoch:
@@ -298,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
     if not args.no_tune:
-        for key, value in tune_postprocessing(model, frames["val"]).items():
+        for key, value in tune_postprocessing(model, frames["val"], args.tta).items():
             setattr(model, key, value)
     val = evaluate_model(model, frames["val"], progress=False)
     test = evaluate_model(model, frames["test"]) if len(frames["test"]) else {}
@@ -313,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": count_parameters(model),
         "splits": splits,
         "data": "synthetic phantoms" if args.synthetic else str(args.data_dir),
-        "command": command,
+        "command": training_command(args),
     }
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir)

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from unet.hub import SHIPPED_MODEL_DIR
+from unet.inference import cpu_supports_bf16, predict_proba, prepare_for_inference, segment, to_rgb_uint8
+from unet.metrics import dice
+from unet.model import load_model
+from unet.synthetic import phantom_slice
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return prepare_for_inference(load_model(str(tiny_model_dir)))
+
+
+def test_to_rgb_uint8_conversions():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert to_rgb_uint8(gray).shape == (3, 4, 3) and (to_rgb_uint8(gray)[..., 2] == gray).all()
+    rgba = np.dstack([np.full((2, 2), v, np.uint8) for v in (1, 2, 3, 255)])
+    assert to_rgb_uint8(rgba)[0, 0].tolist() == [1, 2, 3]
+    deep = np.array([[0, 1000], [2000, 4000]], np.uint16)
+    assert to_rgb_uint8(deep)[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert to_rgb_uint8(np.full((2, 2), 7, np.uint16)).max() == 0
+    with pytest.raises(ValueError, match="shape"):
+        to_rgb_uint8(np.zeros((2, 2, 5), np.uint8))
+
+
+def test_probabilities_come_back_at_each_input_size(model):
+    rng = np.random.default_rng(0)
+    images = [phantom_slice(rng, 256, tumor=True)[0], phantom_slice(rng, 200, tumor=True)[0][:150, :190]]
+    probs = predict_proba(model, images)
+    assert [p.shape for p in probs] == [(256, 256), (150, 190)]
+    assert all(p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1 for p in probs)
+
+
+def test_segment_uses_the_models_threshold(model):
+    rng = np.random.default_rng(1)
+    image = phantom_slice(rng, 256, tumor=True)[0]
+    masks, probs = segment(model, [image])
+    assert np.array_equal(masks[0], probs[0] >= model.threshold) or model.min_component_area > 0
+    low, _ = segment(model, [image], threshold=0.05)
+    high, _ = segment(model, [image], threshold=0.95)
+    assert low[0].sum() >= masks[0].sum() >= high[0].sum()
+
+
+def test_channel_order_of_the_config_is_applied(model):
+    rng = np.random.default_rng(2)
+    image = phantom_slice(rng, 256, tumor=True)[0]
+    rgb = predict_proba(model, [image])[0]
+    model.channel_order = "BGR"
+    try:
+        swapped = predict_proba(model, [image[..., ::-1]])[0]
+    finally:
+        model.channel_order = "RGB"
+    assert np.allclose(rgb, swapped, atol=1e-6)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    inter, pa, pb = (a & b).sum(), a.sum(), b.sum()
+    return float(dice(np.array([inter]), np.array([pa]), np.array([pb]))[0])
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 units; fp32 is the path")
+def test_bf16_gives_the_fp32_mask_within_rounding(model):
+    rng = np.random.default_rng(3)
+    images = [phantom_slice(rng, 256, tumor=True)[0] for _ in range(4)]
+    fp32, _ = segment(model, images, precision="fp32")
+    bf16, _ = segment(model, images, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert agreement(a, b) > 0.97
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "model.safetensors").is_file(), reason="no shipped model yet")
+def test_shipped_model_bf16_matches_fp32_on_real_slices(real_data_dir):
+    from unet.data import read_image, scan_dataset
+
+    shipped = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
+    df = scan_dataset(real_data_dir, check_images=False)
+    rows = df[df["has_tumor"]].sample(16, random_state=0)
+    images = [read_image(p) for p in rows["image_path"]]
+    fp32, _ = segment(shipped, images, precision="fp32")
+    auto, _ = segment(shipped, images)
+    assert np.mean([agreement(a, b) for a, b in zip(fp32, auto)]) > 0.98
+    assert sum(int((a != b).sum()) for a, b in zip(fp32, auto)) < 0.002 * 16 * 256 * 256

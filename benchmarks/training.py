@@ -6,8 +6,8 @@ Four configurations, each in its own process so its peak memory (VmHWM) is its o
 {our loop, tutorial loop} x {the shipped architecture, the classic U-Net}, at batch 8 of
 256x256 slices (synthetic phantoms: the loader is timed by benchmarks.data).
 
-- our loop: train.py's inner loop step for step (channels_last, bf16 autocast where the CPU
-  has bf16 units, logits into BCEDiceLoss, AdamW, the LR schedule, one loss.item()).
+- our loop: train.py's own ``train_step`` (channels_last, bf16 autocast where the CPU has bf16
+  units, logits into BCEDiceLoss, AdamW, one loss.item()) and the LR schedule step.
 - tutorial loop: fp32, the model's output through a sigmoid into nn.BCELoss, Adam, and the
   Dice metric computed on CPU numpy copies of prediction and target every step.
 """
@@ -30,7 +30,7 @@ from benchmarks.common import (ROOT, load_benchmark_model, machine, measure, par
 
 log = logging.getLogger("benchmarks.training")
 
-FULL = {"size": 256, "batch": 8, "warmup": 1, "min_runs": 3, "budget_s": 10.0}
+FULL = {"size": 256, "batch": 8, "warmup": 1, "min_runs": 2, "budget_s": 10.0}
 QUICK = {"size": 32, "batch": 2, "warmup": 1, "min_runs": 1, "budget_s": 0.0}
 CLASSIC = {"width": 64, "depth": 3, "upsampling": "bilinear"}
 
@@ -52,9 +52,9 @@ def synthetic_batches(batch: int, size: int, count: int = 4, seed: int = 0) -> l
 
 
 def our_step(model: nn.Module, batches: list, device: torch.device = torch.device("cpu")) -> Callable[[], float]:
-    """train.py's set-up and inner loop (keep in step with it)."""
-    from train import lr_factor
-    from unet.inference import autocast_for, cpu_supports_bf16
+    """train.py's set-up, then its own ``train_step`` and the scheduler step, as in its epoch loop."""
+    from train import lr_factor, train_step
+    from unet.inference import cpu_supports_bf16
     from unet.losses import BCEDiceLoss
 
     model.to(device).to(memory_format=torch.channels_last).train()
@@ -65,22 +65,14 @@ def our_step(model: nn.Module, batches: list, device: torch.device = torch.devic
     if device.type == "cpu" and not cpu_supports_bf16():
         precision = "fp32"
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
-                                and precision != "fp32")
+                                  and precision != "fp32")
     source = itertools.cycle(batches)
 
     def step() -> float:
         images, masks = next(source)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        masks = masks.to(device, non_blocking=True)
-        with autocast_for(device, precision):
-            logits = model(images)
-        loss = loss_fn(logits, masks)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(model, images, masks, loss_fn, optimizer, scaler, precision)
         scheduler.step()
-        return loss.item()
+        return loss
 
     return step
 

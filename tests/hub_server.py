@@ -201,6 +201,8 @@ class Handler(BaseHTTPRequestHandler):
         self.body = self.read_body()  # always, so a keep-alive connection stays in step after an error
         try:
             with self.state.lock:
+                if parts[0] != "lfs-upload":  # an upload URL is a capability, as a signed S3 URL would be
+                    self.user()  # like the Hub: an unknown token is a 401 on any route, even a public read
                 self.route(parts, query)
         except HubError as error:
             headers = {"X-Error-Message": error.message, **error.headers}

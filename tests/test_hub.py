@@ -252,6 +252,9 @@ def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch):
     assert "offline" in offline.notice and "cached copy of alice/unet-cached" in offline.notice
     assert offline.examples_dir is None  # pushed without examples
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1: the cache, without trying
+    assert "HF_HUB_OFFLINE is set" in hub.load_for_serving("alice/unet-cached").notice
+
 
 def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)  # the real one may not be trained yet
@@ -264,6 +267,20 @@ def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir,
     assert "no cached copy of alice/never-pulled" in serving.notice and "shipped model" in serving.notice
     with pytest.raises(hub.HubUnavailable):
         hub.resolve_model_dir("alice/never-pulled")
+
+
+def test_hung_endpoint_does_not_hang_the_app(hub_env, tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)
+    monkeypatch.setattr(hub, "HUB_PROBE_TIMEOUT", 1.0)
+    fresh_cache(monkeypatch, tmp_path, "empty_cache")
+    with socket.socket() as hung:  # accepts connections (the kernel does) but never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hung.getsockname()[1]}")
+        started = time.monotonic()
+        serving = hub.load_for_serving("alice/unet-hung")
+        assert time.monotonic() - started < 10
+    assert "ReadTimeout" in serving.notice and serving.model_dir == tiny_model_dir
 
 
 def test_model_id_selects_the_model(hub_env, model_copy, tiny_model_dir, monkeypatch):

@@ -106,8 +106,8 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
 # brain-mri-unet
 
 A U-Net that segments the FLAIR abnormality of lower-grade glioma in axial brain MRI slices
-(one binary mask per 3-channel slice), trained on the LGG MRI Segmentation dataset
-(Buda et al., 2019): {headline}.
+(one binary mask per 3-channel slice), {"trained on synthetic phantoms" if synthetic else "trained on the LGG MRI Segmentation dataset (Buda et al., 2019)"}:
+{headline}.
 
 > **Research use only. Not a medical device and not for clinical use:** do not use it to
 > diagnose, treat or make any decision about a patient.
@@ -117,8 +117,8 @@ A U-Net that segments the FLAIR abnormality of lower-grade glioma in axial brain
 - {architecture}; input {config.get('image_size', 256)}x{config.get('image_size', 256)} slices.
 - Input channels in file order ({config.get('channel_order', 'RGB')}): pre-contrast, FLAIR, post-contrast, scaled to
   [0, 1] and standardised with the mean and std stored in `config.json`.
-- Output: one logit map; the mask is `sigmoid(logit) > threshold` after post-processing ({post}),
-  all chosen on the validation patients and stored in `config.json`.
+- Output: one logit map; the mask is `sigmoid(logit) > threshold`, then post-processing ({post});
+  train.py chooses these on the validation patients (unless run with `--no-tune`) and stores them in `config.json`.
 - Weights: `model.safetensors` only (no pickle).
 
 ## Use
@@ -151,7 +151,7 @@ rate is the share of tumor-free slices where any pixel is predicted.
 
 - Command: `{metrics.get('command', '?')}`
 - Data: {metrics.get('data', '?')}
-- {metrics.get('epochs_trained', '?')} epochs (best validation epoch {metrics.get('best_epoch', '?')}),
+- Epochs: {metrics.get('epochs_trained', '?')} (best validation epoch {metrics.get('best_epoch', '?')}),
   {float(metrics.get('train_hours') or 0):.2f} h on {metrics.get('machine', '?')}, precision {metrics.get('precision', '?')}.
 - Patients are split (never slices), stratified by tumor presence and institution:
 

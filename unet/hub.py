@@ -38,9 +38,11 @@ SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "brain-m
 # card, metrics, curves and example slices (examples/<stem>.png with examples/<stem>_mask.png).
 MODEL_FILES = ["config.json", "model.safetensors", "README.md", "metrics.json", "curves.png", "examples/*"]
 
-# Seconds to open a connection to the Hub, and to wait for any one read or write on it.
+# Seconds to open a connection to the Hub, to wait for any one read or write on it, and for the
+# first question of a pull (which decides between the Hub and the cache).
 HUB_CONNECT_TIMEOUT = float(os.environ.get("HUB_CONNECT_TIMEOUT", 5))
 HUB_READ_TIMEOUT = float(os.environ.get("HUB_READ_TIMEOUT", 60))
+HUB_PROBE_TIMEOUT = float(os.environ.get("HUB_PROBE_TIMEOUT", 10))
 
 # Errors that mean "the Hub cannot be reached" rather than "the Hub said no".
 NETWORK_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
@@ -55,9 +57,21 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+def _bound_timeouts(request: httpx2.Request) -> None:
+    """A request hook: fill in the timeouts a call left unset (the client's default is none)."""
+    given = request.extensions.get("timeout") or {}
+    defaults = {"connect": HUB_CONNECT_TIMEOUT, "read": HUB_READ_TIMEOUT, "write": HUB_READ_TIMEOUT, "pool": HUB_READ_TIMEOUT}
+    request.extensions["timeout"] = {k: default if given.get(k) is None else given[k] for k, default in defaults.items()}
+
+
 def use_short_timeouts() -> None:
-    """Bound every request of the shared client (its default is to wait forever)."""
-    get_session().timeout = httpx2.Timeout(HUB_READ_TIMEOUT, connect=HUB_CONNECT_TIMEOUT)
+    """Bound every request of the client's shared session, so a dead or hung endpoint fails in
+    seconds, and keep its per-request INFO lines out of our logs."""
+    session = get_session()
+    hooks = session.event_hooks
+    if _bound_timeouts not in hooks["request"]:
+        session.event_hooks = {**hooks, "request": [*hooks["request"], _bound_timeouts]}
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger("httpx2").level))
 
 
 def is_repo_id(source: str) -> bool:
@@ -78,7 +92,10 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
     where = repo_id + (f" @ {revision}" if revision else "")
     use_short_timeouts()
     try:
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+        info = HfApi(endpoint=endpoint).model_info(
+            repo_id, revision=revision, timeout=httpx2.Timeout(HUB_PROBE_TIMEOUT, connect=HUB_CONNECT_TIMEOUT))
+    except OfflineModeIsEnabled:
+        return _cached_copy(repo_id, revision, "HF_HUB_OFFLINE is set")
     except NETWORK_ERRORS as error:
         return _cached_copy(repo_id, revision, f"{endpoint} unreachable ({type(error).__name__})")
     except RepositoryNotFoundError:
@@ -102,7 +119,7 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
                                 + (f" (only {', '.join(pickled)}: pickled weights are refused)" if pickled else ""))
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES, endpoint=endpoint))
-    except NETWORK_ERRORS as error:
+    except (*NETWORK_ERRORS, LocalEntryNotFoundError) as error:  # the connection dropped after the first answer
         return _cached_copy(repo_id, revision, f"{endpoint} unreachable during download ({type(error).__name__})")
     log.info("pulled %s (%s) into %s", where, folder.name[:7], folder)
     return folder, None

@@ -76,14 +76,12 @@ def stage(model_dir: Path, staging: Path, repo_id: str, examples: pd.DataFrame |
     for name in PUBLISHED_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, staging / name)
-    metrics_path = model_dir / "metrics.json"
-    if metrics_path.is_file():
-        # A card still as train.py wrote it gets the repo id in its usage lines; an edited one is kept.
-        metrics = json.loads(metrics_path.read_text())
-        config = json.loads((model_dir / "config.json").read_text())
-        readme = model_dir / "README.md"
-        if not readme.is_file() or readme.read_text() == model_card_text(metrics, config):
-            (staging / "README.md").write_text(model_card_text(metrics, config, repo_id))
+    # A card as train.py wrote it gets the repo id in its usage lines; an edited card is kept as it is.
+    metrics_path, readme = model_dir / "metrics.json", model_dir / "README.md"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    config = json.loads((model_dir / "config.json").read_text())
+    if not readme.is_file() or readme.read_text() == model_card_text(metrics, config):
+        (staging / "README.md").write_text(model_card_text(metrics, config, repo_id))
     if examples is not None and len(examples):
         write_examples(select_examples(examples), staging / "examples")
     elif (model_dir / "examples").is_dir():
@@ -149,8 +147,9 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
             reason = reason.replace(token, "***")
         log.error("push to %s/%s failed: %s; model kept in %s; retry with: %s", endpoint, repo_id, reason, model_dir, retry)
         return 1
-    log.info("pushed %d files to %s @ %s (commit %s): %s", len(files), url, revision or "main", commit.oid[:7],
-             ", ".join(files))
+    examples = sum(1 for f in files if f.startswith("examples/") and not f.endswith("_mask.png"))
+    log.info("pushed %d files (%d example slices) to %s @ %s (commit %s)", len(files), examples, url,
+             revision or "main", commit.oid[:7])
     log.info("use it with: python -m unet.evaluate --model %s%s --data-dir ...  or  MODEL_ID=%s python app.py",
              repo_id, f" --revision {revision}" if revision else "", repo_id)
     return 0

@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
 from unet.inference import postprocess, predict_proba, prepare_for_inference, to_rgb_uint8
 from unet.metrics import dice, pixel_counts
+from unet.model import UNet
 
 log = logging.getLogger("app")
 
@@ -49,7 +51,7 @@ MAX_VOLUME_PIXELS = 200 * 512 * 512
 BACKGROUND_LEVEL = 8  # a pixel whose brightest channel is above this counts as brain (not background)
 PRED_COLOR = (255, 40, 40)  # red: predicted tumor (fill and outline)
 REF_COLOR = (0, 190, 255)  # light blue: reference mask outline
-FILL_ALPHA = 0.35
+FILL_ALPHA = 0.4
 DISCLAIMER = ("**Research demo, not for clinical use.** The model was trained on a small public dataset of "
               "lower-grade glioma MRI; it is not a medical device and must not inform any diagnosis or treatment.")
 
@@ -116,6 +118,8 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{name}: the image is corrupt or truncated ({str(error).splitlines()[0]})") from None
+    if array.dtype.kind == "f":
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
         notes.append("grayscale image: repeated into the three channels the model reads "
                      "(pre-contrast, FLAIR, post-contrast), so expect weaker results")
@@ -132,7 +136,7 @@ def read_upload(path: str | Path) -> bytes:
         raise InputError(f"{path.name}: file not found")
     size = path.stat().st_size
     if size > MAX_FILE_MB * 2**20:
-        raise InputError(f"{path.name}: the file is {size / 2**20:.0f} MB; at most {MAX_FILE_MB} MB is accepted")
+        raise InputError(f"{path.name}: the file is {size / 2**20:.1f} MB; at most {MAX_FILE_MB} MB is accepted")
     return path.read_bytes()
 
 
@@ -147,19 +151,23 @@ def mask_from_image(image: np.ndarray) -> np.ndarray:
 
 
 def load_mask(data: bytes, name: str) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return mask_from_image(np.asarray(im.convert("L")))
+    """Reference mask file bytes -> HxW bool; InputError (one line) if it is not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return mask_from_image(np.asarray(im.convert("L")))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise InputError(f"{name}: the mask is not a readable image") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # Prediction and what is shown of it
 
-def predict(model, image: np.ndarray) -> np.ndarray:
+def predict(model: UNet, image: np.ndarray) -> np.ndarray:
     """RGB uint8 slice of any size -> tumor probability (H, W) float32."""
     return predict_proba(model, [image])[0]
 
 
-def threshold_mask(model, prob: np.ndarray, threshold: float) -> np.ndarray:
+def threshold_mask(model: UNet, prob: np.ndarray, threshold: float) -> np.ndarray:
     """Probability -> mask with the model's post-processing; the minimum component area
     (set for the model's input size) is scaled to the image's own size."""
     scale = prob.size / float(model.image_size**2)
@@ -212,7 +220,7 @@ def probability_image(prob: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(heat[..., ::-1])
 
 
-def segment_image(model, path: str | Path, threshold: float | None = None,
+def segment_image(model: UNet, path: str | Path, threshold: float | None = None,
                   reference_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """An image file -> (overlay RGB uint8, mask uint8 0/255, summary dict). The API's function.
 
@@ -234,7 +242,7 @@ def segment_image(model, path: str | Path, threshold: float | None = None,
     return draw_overlay(sl.image, mask, reference), mask.astype(np.uint8) * 255, summary
 
 
-def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = False) -> str:
+def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = False, name: str = "") -> str:
     t = summary["threshold"]
     if summary["tumor_found"]:
         share = summary["tumor_share_of_brain"] * 100
@@ -247,6 +255,9 @@ def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = Fal
         both_empty = summary["reference_pixels"] == 0 and not summary["tumor_found"]
         text += (f"\n\n**Dice against the reference mask: {summary['dice']:.3f}**"
                  + (" (no tumor in either)" if both_empty else " (blue outline: reference)"))
+    if name:
+        shown = name.replace("`", "'")
+        text += f"\n\nSlice: `{shown}` ({summary['width']}x{summary['height']})"
     if synthetic:
         text += "\n\n*This example is a synthetic phantom made by the project, not a real MRI.*"
     for note in notes:
@@ -256,6 +267,13 @@ def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = Fal
 
 # ---------------------------------------------------------------------------------------------
 # Volumes: several slices of one patient, or a zip of them
+
+def short_labels(names: list[str]) -> list[str]:
+    """Slice names without their shared prefix: 'TCGA_CS_4941_19960909_12' -> '12'."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[:len(prefix.rstrip("0123456789"))]  # never cut into a number
+    return [n[len(prefix):] or n for n in names]
+
 
 def natural_key(name: str) -> list:
     """'P_10.tif' after 'P_9.tif': digits compare as numbers."""
@@ -291,10 +309,7 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
     for name, data in files:
         stem = Path(name).stem
         if stem.endswith("_mask"):
-            try:
-                masks[stem[:-5]] = load_mask(data, name)
-            except (OSError, ValueError, SyntaxError):
-                raise InputError(f"{name}: the mask is not a readable image") from None
+            masks[stem[:-5]] = load_mask(data, name)
         else:
             slices[stem] = decode_image(data, name)
     if not slices:
@@ -310,15 +325,15 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
     return names, [slices[n] for n in names], {n: masks[n] for n in names if n in masks}
 
 
-def volume_results(model, names: list[str], images: list[np.ndarray], probs: list[np.ndarray],
+def volume_results(model: UNet, names: list[str], images: list[np.ndarray], probs: list[np.ndarray],
                    references: dict[str, np.ndarray], threshold: float) -> tuple[list, list[np.ndarray], dict]:
     """Threshold every slice: (gallery items (overlay, caption), masks, volume summary)."""
     gallery, masks, counts = [], [], []
     tumor_total = brain_total = 0
-    for name, image, prob in zip(names, images, probs):
+    for name, label, image, prob in zip(names, short_labels(names), images, probs):
         mask = threshold_mask(model, prob, threshold)
         ref = references.get(name)
-        caption = f"{name}: {int(mask.sum()):,} px" if mask.any() else f"{name}: no tumor"
+        caption = f"{label}: {int(mask.sum()):,} px" if mask.any() else f"{label}: no tumor"
         if ref is not None:
             c = pixel_counts(mask[None], ref[None])[0]
             counts.append(c)
@@ -372,12 +387,15 @@ class Example:
     synthetic: bool
 
 
-def find_examples(folder: Path, limit: int = 8) -> list[tuple[Path, Path | None, str]]:
-    """(image, reference mask or None, 'tumor'|'healthy'|'') from a folder of images or a kaggle_3m folder."""
+def find_examples(folder: Path, limit: int = 6) -> list[tuple[Path, Path | None, str]]:
+    """(image, reference mask or None, 'tumor'|'healthy'|'') from a folder of images or a kaggle_3m folder.
+
+    From a kaggle_3m folder: the largest tumors and the most central tumor-free slices, one per patient.
+    """
     from unet.data import find_kaggle_3m, scan_dataset
 
     root = find_kaggle_3m(folder)
-    if any(root.glob("*/*_mask.tif")):  # a kaggle_3m folder: two tumor and two healthy slices
+    if any(root.glob("*/*_mask.tif")):
         df = scan_dataset(root, check_images=False)
         df["middle"] = (df["slice"] - df.groupby("patient")["slice"].transform("median")).abs()
         tumor = df[df["has_tumor"]].sort_values("tumor_pixels", ascending=False).drop_duplicates("patient").head(limit // 2)
@@ -391,35 +409,36 @@ def find_examples(folder: Path, limit: int = 8) -> list[tuple[Path, Path | None,
         mask = next((m for m in (path.with_name(f"{path.stem}_mask{s}") for s in IMAGE_SUFFIXES) if m.is_file()), None)
         kind = next((k for k in ("tumor", "healthy") if path.stem.lower().endswith(k)), "")
         found.append((path, mask, kind))
-    found.sort(key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2))
-    return found[:limit]
+    picked = [f for f in found if f[2] == "tumor"][:limit // 2] + [f for f in found if f[2] == "healthy"][:limit // 2]
+    picked += [f for f in found if f not in picked][:limit - len(picked)]
+    return sorted(picked, key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2))
 
 
 def prepare_examples(folder: Path, out_dir: Path, synthetic: bool) -> list[Example]:
     """Decode each example (TIFF included) once and write PNG copies the browser can show."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = []
+    examples, counts = [], {}
     for i, (path, mask_path, kind) in enumerate(find_examples(folder)):
         try:
             sl = load_slice(path)
             mask = load_mask(read_upload(mask_path), mask_path.name) if mask_path else None
-        except (InputError, OSError, ValueError) as error:
-            log.warning("skipping example %s: %s", path, error)
+        except InputError as error:
+            log.warning("skipping example: %s", error)
             continue
         if mask is not None and mask.shape != sl.image.shape[:2]:
             log.warning("skipping example %s: mask size differs", path)
             continue
         if not kind and mask is not None:
             kind = "tumor" if mask.any() else "healthy"
-        stem = re.sub(r"_(tumor|healthy)$", "", path.stem, flags=re.IGNORECASE)
-        image_out = out_dir / f"{i}_{path.stem}.png"
+        (out_dir / str(i)).mkdir(exist_ok=True)
+        image_out = out_dir / str(i) / f"{path.stem}.png"
         Image.fromarray(sl.image).save(image_out)
         mask_out = None
         if mask is not None:
-            mask_out = out_dir / f"{i}_{path.stem}_mask.png"
+            mask_out = out_dir / str(i) / f"{path.stem}_mask.png"
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_out)
-        caption = f"{kind.capitalize() or 'Example'}: {stem}" + (" (synthetic)" if synthetic and "synthetic" not in stem else "")
-        examples.append(Example(image_out, mask_out, caption, synthetic))
+        counts[kind] = counts.get(kind, 0) + 1
+        examples.append(Example(image_out, mask_out, f"{kind.capitalize() or 'Example'} {counts[kind]}", synthetic))
     return examples
 
 
@@ -429,10 +448,10 @@ def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> t
         folder = Path(examples_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"examples folder not found: {folder}")
-        return folder, f"from {folder}", False
+        return folder, f"from {folder.name}", False
     if serving.examples_dir is not None:
-        return serving.examples_dir, "from the model's repository (held-out test patients)", False
-    return PROJECT_EXAMPLES_DIR, "synthetic phantoms made by examples/make_examples.py, not real MRI", True
+        return serving.examples_dir, "held-out test patients", False
+    return PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
 
 
 def model_card_text(model_dir: Path) -> str:
@@ -447,6 +466,7 @@ def model_card_text(model_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # The page
 
+START_TEXT = "### Upload a slice or click an example to start\nThe result appears here in a second or two."
 CSS = """
 #title h1 { margin-bottom: 0.2em; }
 #disclaimer { border-left: 4px solid #dc2626; padding: 0.4em 0.8em; background: rgba(220, 38, 38, 0.06); }
@@ -464,14 +484,18 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     examples = prepare_examples(folder, work / "examples", synthetic)
     if not examples and folder != PROJECT_EXAMPLES_DIR:
         log.warning("no usable examples in %s; using the project's synthetic examples", folder)
-        folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic phantoms, not real MRI", True
+        folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
         examples = prepare_examples(folder, work / "examples", synthetic)
     log.info("%d examples %s", len(examples), source)
     default_threshold = round(float(model.threshold), 2)
 
     def write_file(name: str, write) -> str:
-        """A fresh file in the work folder for a download (Gradio copies it into its cache)."""
-        path = work / uuid.uuid4().hex / name
+        """A fresh file in the work folder for a download (Gradio copies it into its cache);
+        downloads older than an hour are swept away so a long-running Space does not fill its disk."""
+        for old in work.glob("download-*"):
+            if time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
+        path = work / f"download-{uuid.uuid4().hex}" / name
         path.parent.mkdir()
         write(path)
         return str(path)
@@ -485,21 +509,28 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         summary = summarize(state["image"], state["prob"], mask, threshold, state["reference"])
         mask_file = save_png(f"{state['name']}_mask.png", mask.astype(np.uint8) * 255)
         return (draw_overlay(state["image"], mask, state["reference"]),
-                summary_markdown(summary, state["notes"], state["synthetic"]), mask_file)
+                summary_markdown(summary, state["notes"], state["synthetic"], state["name"]),
+                gr.DownloadButton(value=mask_file, interactive=True))
 
     def run_single(sl: Slice, name: str, threshold: float, reference=None, synthetic=False) -> tuple:
+        start = time.perf_counter()
         state = {"image": sl.image, "prob": predict(model, sl.image), "reference": reference, "name": name,
                  "notes": sl.notes, "synthetic": synthetic}
+        log.info("segmented a %dx%d slice in %.2f s", sl.image.shape[1], sl.image.shape[0], time.perf_counter() - start)
         overlay, text, mask_file = show_single(state, threshold)
-        return sl.image, overlay, probability_image(state["prob"]), text, mask_file, state
+        # The upload box is emptied again, ready for the next file; the preview shows what is loaded.
+        return None, sl.image, overlay, probability_image(state["prob"]), text, mask_file, state
+
+    def no_download() -> gr.DownloadButton:
+        return gr.DownloadButton(value=None, interactive=False)
 
     def failed(message: str) -> tuple:
         gr.Warning(message)
-        return None, None, None, f"### Could not use this file\n{message}", None, None
+        return None, None, None, None, f"### Could not use this file\n{message}", no_download(), None
 
     def on_upload(path: str | None, threshold: float) -> tuple:
         if not path:
-            return None, None, None, "", None, None
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             return run_single(load_slice(path), Path(path).stem, threshold)
         except InputError as error:
@@ -508,8 +539,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     def on_example(threshold: float, evt: gr.SelectData) -> tuple:
         example = examples[evt.index]
         reference = mask_from_image(np.asarray(Image.open(example.mask))) if example.mask else None
-        outputs = run_single(load_slice(example.image), example.image.stem, threshold, reference, example.synthetic)
-        return (str(example.image),) + outputs
+        return run_single(load_slice(example.image), example.image.stem, threshold, reference, example.synthetic)
 
     def on_threshold(state: dict | None, threshold: float) -> tuple:
         if state is None:
@@ -525,10 +555,11 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             gr.Warning(str(error))
             return None, f"### Could not use these files\n{error}", None, None, None
         images = [s.image for s in slices]
-        probs = []
+        probs, start = [], time.perf_counter()
         for i, image in enumerate(images):
             progress((i, len(images)), desc="segmenting slices")
             probs.append(predict(model, image))
+        log.info("segmented a volume of %d slices in %.2f s", len(images), time.perf_counter() - start)
         state = {"names": names, "images": images, "probs": probs, "references": references}
         return show_volume(state, threshold) + (state,)
 
@@ -543,8 +574,10 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
                     Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
                     archive.writestr(f"{name}_mask.png", buffer.getvalue())
 
-        plot = pd.DataFrame({"slice": np.arange(1, len(masks) + 1), "tumor pixels": [int(m.sum()) for m in masks]})
-        return gallery, volume_markdown(summary), plot, write_file("masks.zip", write_zip)
+        labels = short_labels(state["names"])
+        plot = pd.DataFrame({"slice": labels, "tumor pixels": [int(m.sum()) for m in masks]})
+        patient = os.path.commonprefix(state["names"]).rstrip("_- ") or "volume"
+        return gallery, volume_markdown(summary), gr.BarPlot(plot, sort=labels), write_file(f"{patient}_masks.zip", write_zip)
 
     def on_volume_threshold(state: dict | None, threshold: float) -> tuple:
         if state is None:
@@ -566,7 +599,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         model_line += f"  \n⚠️ {serving.notice}"
     card = model_card_text(serving.model_dir)
     heavy = dict(concurrency_id="model", api_visibility="private")  # the net runs one request at a time
-    light = dict(api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    light = dict(api_visibility="private", show_progress="hidden", trigger_mode="always_last", concurrency_limit=4)
     with gr.Blocks(title="Brain MRI tumor segmentation", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# Brain MRI tumor segmentation\n"
                     "Upload one axial slice of a brain MRI and a U-Net marks the lower-grade glioma "
@@ -576,28 +609,30 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
         gr.Markdown(model_line, elem_id="model-info")
         with gr.Tab("One slice"):
+            with gr.Row(equal_height=True):
+                upload = gr.File(label="1. Upload an MRI slice (PNG, JPEG or TIFF)", elem_id="upload", height=190,
+                                 scale=1, min_width=260)
+                example_gallery = gr.Gallery(
+                    value=[(str(e.image), e.caption) for e in examples], label=f"…or click an example ({source})",
+                    columns=max(4, len(examples)), height=190, allow_preview=False, object_fit="contain", buttons=[],
+                    elem_id="examples", scale=2, visible=bool(examples))
             with gr.Row():
-                with gr.Column(scale=1, min_width=300):
-                    upload = gr.File(label="1. Upload an MRI slice (PNG, JPEG or TIFF)", elem_id="upload", height=120)
-                    example_gallery = gr.Gallery(
-                        value=[(str(e.image), e.caption) for e in examples], label=f"…or click an example ({source})",
-                        columns=4, height=190, allow_preview=False, object_fit="contain", elem_id="examples")
+                with gr.Column(scale=1, min_width=260):
+                    summary = gr.Markdown(START_TEXT, elem_id="summary",
+                                          min_height=120)
                     threshold = gr.Slider(0.01, 0.99, value=default_threshold, step=0.01, label="2. Threshold",
                                           info="A pixel is tumor when its probability reaches this. "
                                                f"Lower finds more; the model's tuned value is {default_threshold:.2f}.",
                                           elem_id="threshold")
-                    mask_file = gr.File(label="3. Download the mask (PNG, 255 = tumor)", interactive=False,
-                                        elem_id="mask-file", height=80)
-                with gr.Column(scale=2):
-                    summary = gr.Markdown("Upload a slice or click an example to start.", elem_id="summary",
-                                          min_height=110)
+                    mask_file = gr.DownloadButton("3. Download the mask (PNG)", interactive=False, elem_id="mask-file")
+                with gr.Column(scale=3):
                     with gr.Row():
-                        preview = gr.Image(label="Your slice", format="png", interactive=False, height=300,
+                        preview = gr.Image(label="Your slice", format="png", interactive=False, height=320,
                                            elem_id="preview")
                         overlay = gr.Image(label="Prediction: tumor in red", format="png", interactive=False,
-                                           height=300, elem_id="overlay")
-                        prob_image = gr.Image(label="Tumor probability (dark 0 → bright 1)", format="png",
-                                              interactive=False, height=300, elem_id="probability")
+                                           height=320, elem_id="overlay")
+                        prob_image = gr.Image(label="Tumor probability", format="png",
+                                              interactive=False, height=320, elem_id="probability")
             single_state = gr.State(None, time_to_live=3600)
         with gr.Tab("Volume (several slices)"):
             gr.Markdown("Upload all slices of one patient, as several files or one zip. Files named "
@@ -609,7 +644,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
                     volume_threshold = gr.Slider(0.01, 0.99, value=default_threshold, step=0.01, label="Threshold",
                                                  elem_id="volume-threshold")
                     volume_file = gr.File(label="Download all masks (zip)", interactive=False, height=80)
-                    volume_plot = gr.LinePlot(x="slice", y="tumor pixels", label="Tumor area by slice", height=220)
+                    volume_plot = gr.BarPlot(x="slice", y="tumor pixels", label="Tumor area by slice", height=240,
+                                              sort=None, x_label_angle=-45, y_axis_format="d")
                 with gr.Column(scale=2):
                     volume_summary = gr.Markdown("", elem_id="volume-summary")
                     volume_gallery = gr.Gallery(label="Every slice (tumor in red); click to enlarge", columns=5,
@@ -626,14 +662,14 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             api_summary = gr.JSON(label="summary")
             api_button = gr.Button("segment")
 
-        single_outputs = [preview, overlay, prob_image, summary, mask_file, single_state]
+        single_outputs = [upload, preview, overlay, prob_image, summary, mask_file, single_state]
         upload.upload(on_upload, [upload, threshold], single_outputs, **heavy)
-        upload.clear(lambda: (None, None, None, "Upload a slice or click an example to start.", None, None),
-                     None, single_outputs, api_visibility="private")
-        example_gallery.select(on_example, [threshold], [upload] + single_outputs, **heavy)
+        example_gallery.select(on_example, [threshold], single_outputs, **heavy)
         threshold.change(on_threshold, [single_state, threshold], [overlay, summary, mask_file], **light)
         volume_outputs = [volume_gallery, volume_summary, volume_plot, volume_file]
         volume_upload.upload(on_volume, [volume_upload, volume_threshold], volume_outputs + [volume_state], **heavy)
+        volume_upload.clear(lambda: (None, "", None, None, None), None, volume_outputs + [volume_state],
+                            api_visibility="private")
         volume_threshold.change(on_volume_threshold, [volume_state, volume_threshold], volume_outputs, **light)
         api_button.click(api_segment, [api_image, api_threshold], [api_overlay, api_mask, api_summary],
                          api_name="segment", concurrency_id="model")
@@ -669,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not args.model and not (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
-        log.error("error: no model to serve: %s is missing; pass --model FOLDER_OR_REPO_ID (or set MODEL_ID)",
+        log.error("no model to serve: %s is missing; pass --model FOLDER_OR_REPO_ID (or set MODEL_ID)",
                   SHIPPED_MODEL_DIR.relative_to(ROOT))
         return 2
     try:
@@ -677,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = build_demo(serving, args.examples)
     except Exception as error:  # one line for the operator, not a traceback
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.error("error: cannot start the app with model %s: %s", args.model or SHIPPED_MODEL_DIR.name, first)
+        log.error("cannot start the app with model %s: %s", args.model or SHIPPED_MODEL_DIR.name, first)
         return 2
     log.info("serving %s%s", serving.description, f" ({serving.notice})" if serving.notice else "")
     launch(demo, args.host, args.port, args.concurrency)

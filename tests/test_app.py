@@ -1,0 +1,332 @@
+"""The app: prediction on generated slices, input handling, errors, and the /segment API."""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from unet.hub import load_for_serving
+from unet.synthetic import phantom_slice
+
+
+@pytest.fixture(scope="module")
+def serving(tiny_model_dir):
+    return load_for_serving(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def model(serving):
+    return app.prepare_for_inference(serving.model)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    """A generated tumor slice saved as PNG, its reference mask PNG, and the image array."""
+    folder = tmp_path_factory.mktemp("phantom")
+    image, mask = phantom_slice(np.random.default_rng(3), 256, 1.0, tumor=True)
+    Image.fromarray(image).save(folder / "slice.png")
+    Image.fromarray(mask).save(folder / "slice_mask.png")
+    return folder / "slice.png", folder / "slice_mask.png", image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the prediction function ---------------------------------------------------------------
+
+def test_segment_image_outputs(model, phantom):
+    path, _, image = phantom
+    overlay, mask, summary = app.segment_image(model, path)
+    assert overlay.shape == image.shape and overlay.dtype == np.uint8
+    assert mask.shape == image.shape[:2] and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    assert summary["threshold"] == pytest.approx(model.threshold, abs=1e-4)
+    assert summary["tumor_pixels"] == int((mask > 0).sum())
+    assert summary["tumor_found"] == (summary["tumor_pixels"] > 0)
+    assert 0 < summary["brain_pixels"] < image.shape[0] * image.shape[1]  # the black background is not brain
+    assert summary["tumor_share_of_brain"] == pytest.approx(summary["tumor_pixels"] / summary["brain_pixels"], abs=1e-6)
+    assert "dice" not in summary
+    json.dumps(summary)  # the API returns it as JSON
+
+
+def test_threshold_changes_area_monotonically(model, phantom):
+    image = phantom[2]
+    prob = app.predict(model, image)
+    areas = [int(app.threshold_mask(model, prob, t).sum()) for t in np.linspace(0.01, 0.99, 25)]
+    assert all(a >= b for a, b in zip(areas, areas[1:]))
+    # The same through the public function: a lower threshold never finds less.
+    low = app.segment_image(model, phantom[0], 0.01)[2]["tumor_pixels"]
+    high = app.segment_image(model, phantom[0], 0.99)[2]["tumor_pixels"]
+    assert low >= high
+
+
+def test_summary_and_overlay_on_a_known_mask():
+    image, ref = phantom_slice(np.random.default_rng(5), 128, 1.0, tumor=True)
+    ref = ref > 0
+    prob = ref.astype(np.float32) * 0.9
+    mask = prob >= 0.5
+    summary = app.summarize(image, prob, mask, 0.5, reference=ref)
+    assert summary["tumor_pixels"] == int(ref.sum()) and summary["dice"] == 1.0
+    assert summary["brain_pixels"] == int(((image.max(axis=2) > app.BACKGROUND_LEVEL) | ref).sum())
+    overlay = app.draw_overlay(image, mask, ref)
+    assert overlay.shape == image.shape and not np.array_equal(overlay[ref], image[ref])  # tumor drawn
+    assert np.array_equal(overlay[:5, :5], image[:5, :5])  # background untouched
+    assert "Tumor found" in app.summary_markdown(summary) and "Dice" in app.summary_markdown(summary)
+    empty = app.summarize(image, prob * 0, mask & False, 0.5)
+    assert not empty["tumor_found"] and "No tumor found" in app.summary_markdown(empty)
+
+
+def test_dice_against_reference(model, phantom, tmp_path):
+    path, ref_path, image = phantom
+    _, mask, summary = app.segment_image(model, path, 0.3, reference_path=ref_path)
+    ref = np.asarray(Image.open(ref_path)) > 127
+    inter = int(((mask > 0) & ref).sum())
+    expected = 1.0 if mask.sum() + ref.sum() == 0 else 2 * inter / ((mask > 0).sum() + ref.sum())
+    assert summary["dice"] == pytest.approx(expected, abs=1e-4)
+    # The prediction scored against itself is perfect.
+    Image.fromarray(mask).save(tmp_path / "own_mask.png")
+    assert app.segment_image(model, path, 0.3, reference_path=tmp_path / "own_mask.png")[2]["dice"] == 1.0
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
+    with pytest.raises(app.InputError, match="reference mask is 10x10"):
+        app.segment_image(model, path, reference_path=tmp_path / "small_mask.png")
+
+
+# --- input handling ------------------------------------------------------------------------
+
+RGB = (10, 100, 200)  # distinct channel values: a swapped channel order would show
+
+
+def write_inputs(folder: Path) -> dict[str, Path]:
+    """The same kind of content in every format an upload may come in."""
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[10:30, 20:40] = RGB
+    files = {}
+    Image.fromarray(rgb).save(files.setdefault("png", folder / "rgb.png"))
+    Image.fromarray(rgb).save(files.setdefault("tiff", folder / "rgb.tif"))
+    Image.fromarray(rgb).save(files.setdefault("jpeg", folder / "rgb.jpg"), quality=100)
+    Image.fromarray(np.dstack([rgb, np.full((40, 60), 255, np.uint8)]), "RGBA").save(files.setdefault("rgba", folder / "rgba.png"))
+    Image.fromarray(rgb[..., 1]).save(files.setdefault("gray", folder / "gray.png"))
+    gray16 = rgb[..., 1].astype(np.uint16) * 40
+    cv2.imwrite(str(files.setdefault("gray16_png", folder / "gray16.png")), gray16)
+    cv2.imwrite(str(files.setdefault("gray16_tiff", folder / "gray16.tif")), gray16)
+    # OpenCV writes its BGR arrays as RGB files: flip so the file holds RGB * 40.
+    cv2.imwrite(str(files.setdefault("rgb16_tiff", folder / "rgb16.tif")), (rgb.astype(np.uint16) * 40)[..., ::-1])
+    cv2.imwrite(str(files.setdefault("rgb16_png", folder / "rgb16.png")), (rgb.astype(np.uint16) * 40)[..., ::-1])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "jpeg", "rgba", "gray", "gray16_png", "gray16_tiff", "rgb16_tiff", "rgb16_png"])
+def test_inputs_are_converted_as_trained(tmp_path, kind):
+    path = write_inputs(tmp_path)[kind]
+    sl = app.load_slice(path)
+    assert sl.image.shape == (40, 60, 3) and sl.image.dtype == np.uint8
+    pixel = sl.image[20, 30].astype(int)
+    if kind.startswith("gray"):
+        assert pixel[0] == pixel[1] == pixel[2] > 0 and any("grayscale" in n for n in sl.notes)
+    elif kind.startswith("rgb16"):
+        assert pixel[0] < pixel[1] < pixel[2] and pixel[2] == 255  # file order kept, rescaled by its range
+        assert any("16-bit" in n for n in sl.notes)
+    else:
+        assert np.abs(pixel - RGB).max() <= 2  # RGB file order kept (JPEG: within rounding)
+    if kind == "gray16_png":
+        assert pixel[0] == 255 and any("16-bit" in n for n in sl.notes)
+    assert sl.image[0, 0].max() == 0  # background stays black (RGBA flattened onto black)
+
+
+def test_transparent_pixels_flatten_to_black(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255  # white but fully transparent
+    rgba[2:4, 2:4] = (10, 100, 200, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    sl = app.load_slice(tmp_path / "t.png")
+    assert sl.image[0, 0].max() == 0 and tuple(sl.image[2, 2]) == RGB
+
+
+def test_odd_sized_image_is_segmented_at_its_own_size(model, tmp_path):
+    image, _ = phantom_slice(np.random.default_rng(1), 256, 1.0, tumor=True)
+    odd = cv2.resize(image, (301, 177), interpolation=cv2.INTER_AREA)
+    Image.fromarray(odd).save(tmp_path / "odd.tif")
+    overlay, mask, summary = app.segment_image(model, tmp_path / "odd.tif")
+    assert overlay.shape == (177, 301, 3) and mask.shape == (177, 301)
+    assert (summary["width"], summary["height"]) == (301, 177)
+
+
+def test_grayscale_upload_is_segmented(model, tmp_path):
+    image, _ = phantom_slice(np.random.default_rng(2), 256, 1.0, tumor=True)
+    Image.fromarray(image[..., 1]).save(tmp_path / "flair.png")
+    overlay, mask, summary = app.segment_image(model, tmp_path / "flair.png")
+    assert overlay.shape == (256, 256, 3) and any("grayscale" in n for n in summary["notes"])
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    files = {"text": folder / "notes.txt", "empty": folder / "empty.png", "corrupt": folder / "corrupt.png",
+             "huge": folder / "huge.png", "fake": folder / "fake.png"}
+    files["text"].write_text("this is not an image\n")
+    files["empty"].write_bytes(b"")
+    image, _ = phantom_slice(np.random.default_rng(0), 256)
+    Image.fromarray(image).save(folder / "good.png")
+    data = (folder / "good.png").read_bytes()
+    files["corrupt"].write_bytes(data[: len(data) // 2])
+    Image.new("L", (5000, 8)).save(files["huge"])  # tiny file, too many pixels per side
+    files["fake"].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    return files
+
+
+@pytest.mark.parametrize("kind,message", [("text", "not an image"), ("empty", "the file is empty"),
+                                          ("corrupt", "corrupt or truncated"), ("huge", "at most 4096x4096"),
+                                          ("fake", "not an image|corrupt")])
+def test_bad_files_give_one_line_messages(model, tmp_path, kind, message):
+    path = bad_files(tmp_path)[kind]
+    with pytest.raises(app.InputError, match=message) as info:
+        app.segment_image(model, path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(path.name)
+
+
+def test_file_size_is_bounded(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "MAX_FILE_MB", 0.01)
+    image, _ = phantom_slice(np.random.default_rng(0), 256)
+    Image.fromarray(image).save(tmp_path / "big.png")
+    with pytest.raises(app.InputError, match="at most"):
+        app.segment_image(model, tmp_path / "big.png")
+
+
+# --- volumes and examples ------------------------------------------------------------------
+
+def test_volume_from_files_and_zip(model, tmp_path):
+    rng = np.random.default_rng(4)
+    names = ["P_1", "P_2", "P_10"]
+    with zipfile.ZipFile(tmp_path / "patient.zip", "w") as archive:
+        for name in reversed(names):  # stored out of order: the app sorts naturally
+            image, mask = phantom_slice(rng, 128, 1.0, tumor=True)
+            Image.fromarray(image).save(tmp_path / f"{name}.tif")
+            Image.fromarray(mask).save(tmp_path / f"{name}_mask.png")
+            archive.write(tmp_path / f"{name}.tif", f"patient/{name}.tif")
+            archive.write(tmp_path / f"{name}_mask.png", f"patient/{name}_mask.png")
+        archive.writestr("__MACOSX/._P_1.tif", b"junk")
+    got_names, slices, references = app.read_volume([tmp_path / "patient.zip"])
+    assert got_names == names and set(references) == set(names)
+    probs = [app.predict(model, s.image) for s in slices]
+    gallery, masks, summary = app.volume_results(model, got_names, [s.image for s in slices], probs, references, 0.3)
+    assert len(gallery) == 3 and gallery[0][1].startswith("1:") and gallery[2][1].startswith("10:")
+    assert app.short_labels(["P_10", "P_11"]) == ["10", "11"] and app.short_labels(["a"]) == ["a"]
+    assert summary["slices"] == 3 and summary["references"] == 3 and 0 <= summary["dice"] <= 1
+    assert summary["tumor_pixels"] == sum(summary["per_slice_pixels"].values()) == sum(int(m.sum()) for m in masks)
+    assert "of 3 slices" in app.volume_markdown(summary) or "any of the 3 slices" in app.volume_markdown(summary)
+    # Loose files work the same, masks optional.
+    loose_names, _, loose_refs = app.read_volume([tmp_path / "P_10.tif", tmp_path / "P_2.tif"])
+    assert loose_names == ["P_2", "P_10"] and loose_refs == {}
+    (tmp_path / "bad.zip").write_text("not a zip")
+    with pytest.raises(app.InputError, match="not a valid zip"):
+        app.read_volume([tmp_path / "bad.zip"])
+    with pytest.raises(app.InputError, match="not an image"):
+        app.read_volume([tmp_path / "P_1.tif", bad_files(tmp_path)["text"]])
+
+
+def test_examples_from_the_project_are_synthetic(serving, tmp_path):
+    folder, source, synthetic = app.choose_examples(serving, None)
+    assert folder == app.PROJECT_EXAMPLES_DIR and synthetic and "synthetic" in source
+    examples = app.prepare_examples(folder, tmp_path, synthetic)
+    assert [e.caption for e in examples] == ["Tumor 1", "Tumor 2", "Healthy 1", "Healthy 2"]
+    for e in examples:
+        assert e.image.suffix == ".png" and e.mask is not None and e.synthetic
+        assert Image.open(e.image).mode == "RGB"
+
+
+def test_examples_from_a_kaggle_folder(serving, synthetic_dir, tmp_path):
+    folder, _, synthetic = app.choose_examples(serving, synthetic_dir.parent)
+    assert not synthetic
+    found = app.find_examples(folder)
+    kinds = [kind for _, _, kind in found]
+    assert kinds == ["tumor"] * 3 + ["healthy"] * 3
+    assert all(mask is not None and mask.is_file() for _, mask, _ in found)
+    examples = app.prepare_examples(folder, tmp_path, synthetic)  # TIFF slices become PNG copies
+    assert len(examples) == 6 and all(e.image.suffix == ".png" for e in examples)
+    tumor_mask = np.asarray(Image.open(examples[0].mask))
+    assert tumor_mask.any() and not np.asarray(Image.open(examples[-1].mask)).any()
+    with pytest.raises(FileNotFoundError):
+        app.choose_examples(serving, tmp_path / "missing")
+
+
+# --- flags and startup ---------------------------------------------------------------------
+
+def test_flags_and_environment(monkeypatch):
+    for key in ("SPACE_ID", "MODEL_ID", "MODEL_REVISION", "GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.model, args.revision) == ("127.0.0.1", 7860, None, None)
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    monkeypatch.setenv("MODEL_ID", "user/brain-mri-unet")
+    monkeypatch.setenv("MODEL_REVISION", "v1")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
+    args = app.parse_args([])
+    assert (args.host, args.port, args.model, args.revision) == ("0.0.0.0", 7000, "user/brain-mri-unet", "v1")
+    assert app.parse_args(["--model", "m", "--host", "127.0.0.2"]).model == "m"
+    assert app.os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_missing_shipped_model_is_one_line_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("MODEL_ID", raising=False)
+    monkeypatch.setattr(app, "SHIPPED_MODEL_DIR", app.ROOT / "models" / "no-such-model")
+    with caplog.at_level(logging.ERROR, logger="app"):
+        assert app.main([]) == 2
+    assert "no model to serve" in caplog.text and "--model" in caplog.text
+
+
+def test_bad_model_is_one_line_error(tmp_path, caplog):
+    (tmp_path / "empty-model").mkdir()
+    with caplog.at_level(logging.ERROR, logger="app"):
+        assert app.main(["--model", str(tmp_path / "empty-model")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "cannot start" in errors[0]
+
+
+# --- the API, through gradio_client --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def app_url(serving):
+    demo = app.build_demo(serving)
+    port = free_port()
+    app.launch(demo, "127.0.0.1", port, concurrency=1, prevent_thread_lock=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    # The API is exactly /segment: the page's own events are private.
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/segment"]
+    path, _, image = phantom
+    overlay_path, mask_path, summary = client.predict(handle_file(str(path)), 0.3, api_name="/segment")
+    overlay, mask = Image.open(overlay_path), Image.open(mask_path)
+    assert overlay.format == "PNG" and mask.format == "PNG"  # lossless, not WebP
+    assert overlay.size == (256, 256) and mask.size == (256, 256)
+    assert set(np.unique(np.asarray(mask.convert("L")))) <= {0, 255}
+    assert summary["threshold"] == 0.3 and summary["tumor_pixels"] == int((np.asarray(mask.convert("L")) > 0).sum())
+    # The threshold may be left out: the model's own is used.
+    assert client.predict(handle_file(str(path)), api_name="/segment")[2]["threshold"] == round(serving.model.threshold, 2)
+
+    # A bad file is a one-line error, and the server keeps serving.
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(Exception, match="not an image"):
+        client.predict(handle_file(str(text)), 0.5, api_name="/segment")
+
+    # Concurrent users all get answers (the queue serves them in turn).
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: client.predict(handle_file(str(path)), t, api_name="/segment")[2],
+                                [0.2, 0.4, 0.6, 0.8]))
+    areas = [r["tumor_pixels"] for r in results]
+    assert areas == sorted(areas, reverse=True)

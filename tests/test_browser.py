@@ -1,0 +1,153 @@
+"""End to end in a real browser: Debian's chromium driven by playwright against the running app.
+
+Never `playwright install` (it downloads a browser): CI installs chromium with apt
+(.ci/install-browser.sh). Without /usr/bin/chromium the test is skipped locally, failed in CI.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from unet.hub import load_for_serving
+from unet.synthetic import phantom_slice
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path("/tmp/brain-mri-app.png")
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir):
+    demo = app.build_demo(load_for_serving(str(tiny_model_dir)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} not found: install it with .ci/install-browser.sh (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(app_url)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+def uploads(folder: Path) -> dict[str, Path]:
+    """A generated tumor slice as TIFF (browsers cannot show TIFF), a text file, three volume slices."""
+    rng = np.random.default_rng(11)
+    image, _ = phantom_slice(rng, 256, 1.0, tumor=True)
+    files = {"tiff": folder / "patient_slice.tif", "text": folder / "notes.txt"}
+    Image.fromarray(image).save(files["tiff"])
+    files["text"].write_text("this is not an image\n")
+    with zipfile.ZipFile(folder / "volume.zip", "w") as archive:
+        for n in (1, 2, 3):
+            image, mask = phantom_slice(rng, 128, 1.0, tumor=n == 2)
+            Image.fromarray(image).save(folder / f"P_{n}.png")
+            Image.fromarray(mask).save(folder / f"P_{n}_mask.png")
+            archive.write(folder / f"P_{n}.png", f"P_{n}.png")
+            archive.write(folder / f"P_{n}_mask.png", f"P_{n}_mask.png")
+    files["zip"] = folder / "volume.zip"
+    return files
+
+
+def set_threshold(page, value: float) -> None:
+    page.locator("#threshold input[type=range]").fill(str(value))
+
+
+def test_single_slice_flow(page, tmp_path):
+    from playwright.sync_api import expect
+
+    files = uploads(tmp_path)
+    summary = page.locator("#summary")
+    overlay = page.locator("#overlay img")
+    expect(page.get_by_text("not for clinical use").first).to_be_visible()
+    expect(page.locator("#model-info")).to_contain_text("Model:")
+
+    # One click on the first (tumor) example: overlay, probability map and Dice against its mask.
+    page.locator("#examples button.thumbnail-item").first.click()
+    expect(overlay).to_be_visible()
+    expect(page.locator("#probability img")).to_be_visible()
+    expect(summary).to_contain_text("Dice against the reference mask")
+    expect(summary).to_contain_text("synthetic")
+
+    # Upload a TIFF: it is previewed as PNG and segmented.
+    page.locator("#upload input[type=file]").set_input_files(str(files["tiff"]))
+    expect(summary).not_to_contain_text("synthetic")
+    expect(page.locator("#preview img")).to_have_attribute("src", re.compile(r"\.png"))
+    expect(overlay).to_have_attribute("src", re.compile(r"\.png"))
+
+    # Move the threshold: the area follows, without running the network again.
+    set_threshold(page, 0.01)
+    expect(summary).to_contain_text("Tumor found")
+    low_text, low_src = summary.inner_text(), overlay.get_attribute("src")
+    set_threshold(page, 0.99)
+    expect(summary).to_contain_text("No tumor found")
+    expect(overlay).not_to_have_attribute("src", low_src)
+    assert summary.inner_text() != low_text
+    set_threshold(page, 0.01)
+    expect(summary).to_contain_text(re.search(r"Tumor found: [\d,]+ pixels", low_text).group(0))
+
+    # The mask downloads as a PNG of the slice's size.
+    with page.expect_download() as download:
+        page.locator("#mask-file").click()
+    mask_path = tmp_path / "downloaded_mask.png"
+    download.value.save_as(mask_path)
+    mask = Image.open(mask_path)
+    assert mask.format == "PNG" and mask.size == (256, 256) and download.value.suggested_filename.endswith("_mask.png")
+
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # A text file: a one-line message in the page, and the app keeps working.
+    page.locator("#upload input[type=file]").set_input_files(str(files["text"]))
+    expect(summary).to_contain_text("not an image")
+    expect(page.locator(".toast-body").first).to_contain_text("not an image")
+    page.locator("#examples button.thumbnail-item").last.click()
+    expect(summary).to_contain_text("Dice against the reference mask")
+    expect(overlay).to_be_visible()
+
+
+def test_volume_flow(page, tmp_path):
+    from playwright.sync_api import expect
+
+    files = uploads(tmp_path)
+    page.get_by_role("tab", name=re.compile("Volume")).click()
+    page.locator("#volume-upload input[type=file]").set_input_files(str(files["zip"]))
+    expect(page.locator("#volume-summary")).to_contain_text("Dice against the reference masks")
+    expect(page.locator("#volume-gallery button.thumbnail-item")).to_have_count(3)
+    expect(page.locator("#volume-gallery")).to_contain_text("2: ")
+    page.screenshot(path=str(SCREENSHOT.with_name("brain-mri-app-volume.png")), full_page=True)

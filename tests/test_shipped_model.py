@@ -1,0 +1,56 @@
+"""The model shipped in models/brain-mri-unet: loadable as from the Hub, and its numbers reproduce."""
+import json
+import re
+
+import pytest
+from huggingface_hub import ModelCard
+
+from unet.evaluate import main as evaluate_main
+from unet.hub import SHIPPED_MODEL_DIR
+from unet.model import load_model
+
+pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "model.safetensors").is_file(),
+                                reason="no shipped model in models/brain-mri-unet")
+
+
+def test_shipped_folder_is_the_hub_layout_and_small():
+    for name in ("config.json", "model.safetensors", "README.md", "metrics.json"):
+        assert (SHIPPED_MODEL_DIR / name).is_file(), name
+    assert (SHIPPED_MODEL_DIR / "model.safetensors").stat().st_size <= 32 * 1024 * 1024
+    # no dataset slices are shipped with the model: examples of real scans live only on the Hub
+    assert not (SHIPPED_MODEL_DIR / "examples").exists()
+    card = ModelCard.load(SHIPPED_MODEL_DIR / "README.md")
+    assert card.data.pipeline_tag == "image-segmentation"
+    metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
+    assert f"{metrics['test']['patient_dice_mean']:.4f}" in card.text
+    for patient in metrics["splits"]["test"]:
+        assert patient in card.text
+    assert metrics["command"].startswith("python train.py")
+
+
+def test_config_carries_the_tuned_post_processing():
+    model = load_model(str(SHIPPED_MODEL_DIR))
+    config = json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())
+    assert model.config == config
+    assert config["channel_order"] == "RGB" and config["image_size"] == 256
+
+
+@pytest.mark.real_data
+def test_evaluate_reproduces_the_shipped_test_metrics(real_data_dir, capsys):
+    metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
+    code = evaluate_main(["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR),
+                          "--patients", *metrics["splits"]["test"], "--json"])
+    assert code == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = metrics["test"]
+    assert (measured["patients"], measured["slices"]) == (expected["patients"], expected["slices"])
+    for key in ("patient_dice_mean", "patient_dice_median", "tumor_slice_dice_mean", "slice_dice_mean", "healthy_fp_rate"):
+        assert measured[key] == pytest.approx(expected[key], abs=0.003), key
+
+
+def test_readme_states_the_shipped_numbers():
+    readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
+    test = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())["test"]
+    section = readme[readme.index("## Results"):]
+    for key in ("patient_dice_mean", "tumor_slice_dice_mean", "healthy_fp_rate"):
+        assert re.search(rf"\b{test[key]:.3f}\b", section), key

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test (default: %(default)s)")
     data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
     data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
+    data.add_argument("--normalization", choices=["dataset", "slice"], default="dataset",
+                      help="standardise with the training set's channel statistics, or each slice's own (default: %(default)s)")
+    data.add_argument("--flair-only-p", type=float, default=0.0,
+                      help="probability of training on a slice whose three channels are all FLAIR (default: %(default)s)")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers; 0 is fastest on a small CPU (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
@@ -202,7 +206,12 @@ def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = 
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.system()})"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, frame in frames.items():
         log.info("%-5s %3d patients %5d slices (%d with tumor)", name, len(splits[name]), len(frame), int(frame["has_tumor"].sum()))
 
-    model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size)
+    model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
+                 normalization=args.normalization)
     model.to(device).to(memory_format=torch.channels_last)
-    train_set = LGGDataset(frames["train"], train_transforms(args.image_size), model.mean, model.std)
+    train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p), model.mean, model.std,
+                           model.normalization)
     steps_per_epoch = args.steps_per_epoch or len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -253,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         optimizer, lambda s: lr_factor(s, int(args.warmup_epochs * steps_per_epoch), total_steps))
     loss_fn = BCEDiceLoss()
     precision = args.precision
-    if precision == "auto" and device.type == "cpu" and not cpu_supports_bf16():
-        precision = "fp32"
+    if precision == "auto":
+        bf16 = cpu_supports_bf16() if device.type == "cpu" else device.type == "cuda"
+        precision = "bf16" if bf16 else "fp32"
     # fp16 autocast (CUDA without bf16) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported() and precision != "fp32")
     log.info("model: width %d, depth %d, %s upsampling, %d px, %.2f M parameters; device %s, precision %s, %d steps/epoch",

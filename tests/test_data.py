@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unet.data import (DatasetError, LGGDataset, eval_transforms, read_image, read_mask, scan_dataset,
+from unet.data import (DatasetError, LGGDataset, eval_transforms, flair_only, normalize, read_image, read_mask, scan_dataset,
                        split_patients, train_transforms)
 from unet.model import LGG_MEAN, LGG_STD
 from unet.synthetic import make_synthetic_dataset
@@ -136,3 +136,28 @@ def test_real_subset_scans_and_splits(real_data_dir):
     for path in df["image_path"].sample(5, random_state=0):
         with Image.open(path) as im:
             assert np.array_equal(read_image(path), np.array(im.convert("RGB")))
+
+
+def test_slice_normalisation_ignores_background_and_scanner_gain():
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16:48] = rng.integers(20, 120, (32, 32, 3))
+    brighter = (image.astype(np.float64) * 2).astype(np.uint8)  # another scanner's gain
+    a, b = normalize(image, LGG_MEAN, LGG_STD, "slice"), normalize(brighter, LGG_MEAN, LGG_STD, "slice")
+    inside = a[:, 16:48, 16:48]
+    assert torch.allclose(inside.mean((1, 2)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(inside.std((1, 2)), torch.ones(3), atol=1e-2)
+    assert torch.allclose(a, b, atol=1e-4)
+    # the dataset mode uses the fixed statistics instead
+    assert torch.allclose(normalize(image, (0.0,) * 3, (1.0,) * 3)[:, 0, 0], torch.zeros(3))
+
+
+def test_flair_only_augmentation_copies_flair_into_every_channel():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    always = train_transforms(64, flair_only_p=1.0)(image=image, mask=mask)["image"]
+    assert (always[..., 0] == always[..., 1]).all() and (always[..., 2] == always[..., 1]).all()
+    assert np.array_equal(flair_only(image)[..., 0], image[..., 1])
+    never = [train_transforms(64)(image=image, mask=mask)["image"] for _ in range(5)]
+    assert not any((n[..., 0] == n[..., 1]).all() for n in never)

@@ -95,3 +95,10 @@ def test_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(str(tmp_path))
+
+
+def test_normalization_mode_is_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="normalization"):
+        UNet(normalization="volume")
+    UNet(width=8, depth=2, normalization="slice").save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).normalization == "slice"

@@ -138,17 +138,38 @@ def split_patients(
     return {name: sorted(part["patient"]) for name, part in (("train", train), ("val", val), ("test", test))}
 
 
-def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """HxWxC uint8 -> CxHxW float32, scaled to [0, 1] then standardised per channel."""
+def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+              mode: str = "dataset") -> torch.Tensor:
+    """HxWxC uint8 -> CxHxW float32 scaled to [0, 1], then standardised per channel.
+
+    ``mode="dataset"`` uses the fixed ``mean``/``std`` of the training set; ``mode="slice"``
+    uses the slice's own statistics over its non-background pixels, which removes the
+    scanner-to-scanner intensity differences between institutions.
+    """
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    if mode == "slice":
+        foreground = x.amax(0) > 0
+        pixels = x[:, foreground] if int(foreground.sum()) >= 64 else x.flatten(1)
+        return x.sub_(pixels.mean(1).view(-1, 1, 1)).div_(pixels.std(1).clamp_min(1e-3).view(-1, 1, 1))
     return x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
 
 
-def train_transforms(image_size: int = 256) -> A.Compose:
-    """Flips, a mild affine and intensity jitter; the mask follows every geometric change."""
+def flair_only(image: np.ndarray, **_: object) -> np.ndarray:
+    """All three channels become FLAIR, as the dataset stores a patient missing a sequence."""
+    return np.repeat(image[..., 1:2], 3, axis=2)
+
+
+def train_transforms(image_size: int = 256, flair_only_p: float = 0.0) -> A.Compose:
+    """Flips, a mild affine and intensity jitter; the mask follows every geometric change.
+
+    ``flair_only_p`` replaces the pre- and post-contrast channels by FLAIR that often: some
+    patients (and every grayscale upload) come that way, and a model that never saw it finds
+    nothing on them.
+    """
     return A.Compose(
         [
             A.Resize(image_size, image_size),
+            A.Lambda(image=flair_only, p=flair_only_p),
             A.HorizontalFlip(p=0.5),
             A.Affine(
                 scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-15, 15),
@@ -176,10 +197,11 @@ class LGGDataset(Dataset):
         transform: A.Compose,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        normalization: str = "dataset",
     ) -> None:
         self.df = df.reset_index(drop=True)
         self.transform = transform
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.normalization = mean, std, normalization
         self.images = [read_image(p) for p in self.df["image_path"]]
         self.masks = [read_mask(p) for p in self.df["mask_path"]]
 
@@ -189,7 +211,7 @@ class LGGDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.transform(image=self.images[index], mask=self.masks[index])
         mask = torch.from_numpy((out["mask"] > 0).astype(np.float32))[None]
-        return normalize(out["image"], self.mean, self.std), mask
+        return normalize(out["image"], self.mean, self.std, self.normalization), mask
 
 
 def channel_stats(df: pd.DataFrame) -> tuple[list[float], list[float]]:

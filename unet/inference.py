@@ -70,7 +70,7 @@ def predict_proba(model: UNet, images: np.ndarray | list[np.ndarray], batch_size
             chunk = [im[..., ::-1] for im in chunk]
         batch = torch.stack([
             normalize(cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) if im.shape[:2] != (size, size) else im,
-                      model.mean, model.std)
+                      model.mean, model.std, model.normalization)
             for im in chunk
         ]).to(device).contiguous(memory_format=torch.channels_last)
         with autocast_for(device, precision):

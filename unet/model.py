@@ -63,6 +63,7 @@ class UNet(
         channel_order: str = "RGB",
         mean: tuple[float, ...] = LGG_MEAN,
         std: tuple[float, ...] = LGG_STD,
+        normalization: str = "dataset",
         threshold: float = 0.5,
         min_component_area: int = 0,
         tta_flips: bool = False,
@@ -70,6 +71,8 @@ class UNet(
         super().__init__()
         if upsampling not in ("bilinear", "transpose"):
             raise ValueError(f"upsampling must be 'bilinear' or 'transpose', got {upsampling!r}")
+        if normalization not in ("dataset", "slice"):
+            raise ValueError(f"normalization must be 'dataset' or 'slice', got {normalization!r}")
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
         self.in_channels, self.width, self.depth, self.upsampling = in_channels, width, depth, upsampling
@@ -78,6 +81,7 @@ class UNet(
         self.channel_order = channel_order
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.normalization = normalization
         self.threshold = float(threshold)
         self.min_component_area = int(min_component_area)
         self.tta_flips = bool(tta_flips)
@@ -105,7 +109,7 @@ class UNet(
     def config(self) -> dict:
         """The constructor arguments as they stand now, including tuned post-processing."""
         keys = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
-                "threshold", "min_component_area", "tta_flips")
+                "normalization", "threshold", "min_component_area", "tta_flips")
         return {k: list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k) for k in keys}
 
     def _save_pretrained(self, save_directory: Path) -> None:

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test (default: %(default)s)")
     data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
     data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
-    data.add_argument("--normalization", choices=["dataset", "slice"], default="dataset",
+    data.add_argument("--normalization", choices=["dataset", "slice"], default="slice",
                       help="standardise with the training set's channel statistics, or each slice's own (default: %(default)s)")
-    data.add_argument("--flair-only-p", type=float, default=0.0,
+    data.add_argument("--flair-only-p", type=float, default=0.2,
                       help="probability of training on a slice whose three channels are all FLAIR (default: %(default)s)")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers; 0 is fastest on a small CPU (default: %(default)s)")
     model = p.add_argument_group("model")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--depth", type=int, default=4, help="number of poolings (default: %(default)s)")
     model.add_argument("--upsampling", choices=["bilinear", "transpose"], default="transpose")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=40, help="(default: %(default)s)")
+    opt.add_argument("--epochs", type=int, default=22, help="(default: %(default)s)")
     opt.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
     opt.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: %(default)s)")

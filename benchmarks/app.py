@@ -113,8 +113,9 @@ def run_benchmark(app_path: Path, model: str | None, quick: bool, clients: int, 
             result["startup_s"] = round(wait_ready(url, process, timeout_s=180), 1)
             log.info("app ready at %s after %.1f s", url, result["startup_s"])
             downloads = scratch / "downloads"
-            pool = [Client(url, verbose=False, download_files=str(downloads), analytics_enabled=False)
-                    for _ in range(max(1, clients))]
+            # One download folder per client: clients sharing one would overwrite each other's files.
+            pool = [Client(url, verbose=False, download_files=str(downloads / str(i)), analytics_enabled=False)
+                    for i in range(max(1, clients))]
 
             warm: list[float] = []
             errors: list[str] = []

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
-from unet.data import DatasetError, LGGDataset, scan_dataset, split_patients, train_transforms, eval_transforms
+from unet.data import DatasetError, LGGDataset, scan_dataset, split_patients, train_transforms
 from unet.evaluate import evaluate_model, predict_frame, score
 from unet.inference import autocast_for, cpu_supports_bf16
 from unet.losses import BCEDiceLoss

@@ -78,25 +78,26 @@ def measure(fn: Callable[[], object], warmup: int = 1, min_runs: int = 3, max_ru
     return summarize_times(times)
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """Peak resident memory (VmHWM) of a process in MB, from /proc; None where there is no /proc."""
+def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
+    """A memory field of /proc/PID/status (VmHWM: peak resident, VmRSS: resident now) in MB;
+    None where there is no /proc."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None
     return None
 
 
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """Peak resident memory (VmHWM) of a process in MB."""
+    return proc_status_mb("VmHWM", pid)
+
+
 def rss_mb(pid: int | str = "self") -> float | None:
     """Current resident memory (VmRSS) in MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
+    return proc_status_mb("VmRSS", pid)
     return None
 
 

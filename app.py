@@ -508,7 +508,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         mask = threshold_mask(model, state["prob"], threshold)
         summary = summarize(state["image"], state["prob"], mask, threshold, state["reference"])
         mask_file = save_png(f"{state['name']}_mask.png", mask.astype(np.uint8) * 255)
-        return (draw_overlay(state["image"], mask, state["reference"]),
+        return (save_png(f"{state['name']}_overlay.png", draw_overlay(state["image"], mask, state["reference"])),
                 summary_markdown(summary, state["notes"], state["synthetic"], state["name"]),
                 gr.DownloadButton(value=mask_file, interactive=True))
 
@@ -519,7 +519,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         log.info("segmented a %dx%d slice in %.2f s", sl.image.shape[1], sl.image.shape[0], time.perf_counter() - start)
         overlay, text, mask_file = show_single(state, threshold)
         # The upload box is emptied again, ready for the next file; the preview shows what is loaded.
-        return None, sl.image, overlay, probability_image(state["prob"]), text, mask_file, state
+        return (None, save_png(f"{name}.png", sl.image), overlay, save_png(f"{name}_probability.png",
+                probability_image(state["prob"])), text, mask_file, state)
 
     def no_download() -> gr.DownloadButton:
         return gr.DownloadButton(value=None, interactive=False)
@@ -584,15 +585,19 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return show_volume(state, threshold)
 
-    def api_segment(image: str, threshold: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    def api_segment(image: str, threshold: float) -> tuple[str, str, dict]:
         """Segment one MRI slice. image: a PNG, JPEG or TIFF file; threshold: 0..1 (model default if empty).
         Returns the overlay PNG, the mask PNG (0/255) and a summary (tumor_pixels, tumor_share_of_brain, ...)."""
         if not image:
             raise gr.Error("no image given")
         try:
-            return segment_image(model, image, None if threshold is None else float(threshold))
+            overlay, mask, summary = segment_image(model, image, None if threshold is None else float(threshold))
         except InputError as error:
             raise gr.Error(str(error)) from None
+        # Files, not arrays: Gradio caches an array by rewriting a content-hashed path on every request,
+        # so clients fetching identical outputs at once could read a half-written file; a file is copied
+        # into the cache atomically.
+        return save_png("overlay.png", overlay), save_png("mask.png", mask), summary
 
     model_line = f"**Model:** {serving.description}"
     if serving.notice:

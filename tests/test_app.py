@@ -330,3 +330,11 @@ def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path
                                 [0.2, 0.4, 0.6, 0.8]))
     areas = [r["tumor_pixels"] for r in results]
     assert areas == sorted(areas, reverse=True)
+
+    # Eight users sending the identical slice at once all get complete, identical outputs
+    # (identical outputs once raced for one file in Gradio's cache).
+    clients = [Client(client.src, download_files=str(tmp_path / f"client{i}"), verbose=False) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        masks = list(pool.map(lambda c: [np.array(Image.open(c.predict(handle_file(str(path)), 0.5, api_name="/segment")[1]))
+                                         for _ in range(3)], clients))
+    assert all(np.array_equal(m, masks[0][0]) for per_client in masks for m in per_client)

@@ -71,7 +71,8 @@ def test_quick_suite_writes_every_result(tmp_path):
     app = json.loads((tmp_path / "app.json").read_text())
     if (ROOT / "app.py").is_file():
         assert app["skipped"] is None, app["skipped"]
-        assert [r["clients"] for r in app["rows"]] == [1, 8]
+        assert [(r["clients"], r["client_setting"]) for r in app["rows"]] == [
+            (1, "defaults"), (1, "ssl_verify=False"), (8, "defaults")]
         for row in app["rows"]:
             assert row["failed"] == 0, row["errors"]
             assert row["ok"] == row["requests"] and row["p50_ms"] is not None

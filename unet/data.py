@@ -146,7 +146,8 @@ def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     uses the slice's own statistics over its non-background pixels, which removes the
     scanner-to-scanner intensity differences between institutions.
     """
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    # astype copies, so read-only arrays (Pillow's, Gradio's) are fine and the caller's is never touched.
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).div_(255.0)
     if mode == "slice":
         foreground = x.amax(0) > 0
         pixels = x[:, foreground] if int(foreground.sum()) >= 64 else x.flatten(1)

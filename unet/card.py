@@ -99,6 +99,10 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
                     if config else "U-Net")
     post = (f"threshold {config.get('threshold', 0.5)}, minimum component area {config.get('min_component_area', 0)} px, "
             f"flip test-time augmentation {'on' if config.get('tta_flips') else 'off'}" if config else "see config.json")
+    if config.get("normalization") == "slice":
+        scaling = "standardised per channel with each slice's own mean and std over its non-background pixels"
+    else:
+        scaling = "standardised with the mean and std stored in `config.json`"
     return f"""---
 {card_data(metrics).to_yaml()}
 ---
@@ -116,8 +120,8 @@ A U-Net that segments the FLAIR abnormality of lower-grade glioma in axial brain
 
 - {architecture}; input {config.get('image_size', 256)}x{config.get('image_size', 256)} slices.
 - Input channels in file order ({config.get('channel_order', 'RGB')}): pre-contrast, FLAIR, post-contrast, scaled to
-  [0, 1] and standardised with the mean and std stored in `config.json`.
-- Output: one logit map; the mask is `sigmoid(logit) > threshold`, then post-processing ({post});
+  [0, 1] and {scaling}.
+- Output: one logit map; the mask is `sigmoid(logit) >= threshold`, then post-processing ({post});
   train.py chooses these on the validation patients (unless run with `--no-tune`) and stores them in `config.json`.
 - Weights: `model.safetensors` only (no pickle).
 

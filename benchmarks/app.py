@@ -4,8 +4,9 @@
 
 Starts ``app.py --model DIR --host 127.0.0.1 --port FREE`` in a subprocess, calls the
 ``/segment`` API (an image file in; overlay, mask and summary out) from one client in turn
-(with gradio_client's defaults, then with ``ssl_verify=False``), then from 8 at once, and reports p50/p95 latency as a client sees it (upload, queue,
-inference, download), failed requests, and the app's peak memory (VmHWM of its process).
+(with gradio_client's defaults, then with ``ssl_verify=False``), then from 8 at once, and
+reports p50/p95 latency as a client sees it (upload, queue, inference, download), failed
+requests, and the app's peak memory (VmHWM of its process).
 """
 from __future__ import annotations
 

@@ -98,7 +98,6 @@ def peak_rss_mb(pid: int | str = "self") -> float | None:
 def rss_mb(pid: int | str = "self") -> float | None:
     """Current resident memory (VmRSS) in MB."""
     return proc_status_mb("VmRSS", pid)
-    return None
 
 
 def cpu_model() -> str:

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--patients", type=int, default=None, help="use only the first N patients (quick runs)")
     data.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation (default: %(default)s)")
     data.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test (default: %(default)s)")
+    data.add_argument("--train-on-val", action="store_true",
+                      help="final fit: train on the training and validation patients for exactly --epochs, keep the last "
+                           "epoch, and take the post-processing from --threshold and --min-component-area "
+                           "(choose all of them in a run without this flag first)")
     data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
     data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
     data.add_argument("--normalization", choices=["dataset", "slice"], default="slice",
@@ -78,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every N steps within an epoch")
     run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling and initialisation")
-    run.add_argument("--no-tune", action="store_true", help="keep threshold 0.5 and no post-processing instead of choosing them on validation")
+    run.add_argument("--no-tune", action="store_true",
+                     help="use --threshold and --min-component-area instead of choosing them on validation")
+    run.add_argument("--threshold", type=float, default=0.5, help="with --no-tune or --train-on-val (default: %(default)s)")
+    run.add_argument("--min-component-area", type=int, default=0,
+                     help="with --no-tune or --train-on-val: drop predicted components under this many pixels (default: %(default)s)")
     run.add_argument("--tta", action="store_true", help="let the tuning consider flip test-time augmentation (doubles inference time)")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push", action="store_true", help="publish OUT_DIR/model to the Hub at the end")
@@ -231,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in vars(args):
             if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
                            "private", "revision"):
-                setattr(args, key, saved[key])
+                setattr(args, key, saved.get(key, getattr(args, key)))  # runs older than a flag lack it
         log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: pick the fastest kernels once
 
     data_dir = make_synthetic_dataset(out_dir / "synthetic", patients=10, slices=16, size=args.image_size,
                                       healthy_patients=2, seed=args.seed) if args.synthetic else args.data_dir
@@ -251,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     frames = {name: df[df["patient"].isin(ids)].reset_index(drop=True) for name, ids in splits.items()}
     for name, frame in frames.items():
         log.info("%-5s %3d patients %5d slices (%d with tumor)", name, len(splits[name]), len(frame), int(frame["has_tumor"].sum()))
+    if args.train_on_val:
+        # The split stays as recorded; only what the model learns from grows, and nothing is selected on it.
+        frames["train"] = pd.concat([frames["train"], frames["val"]], ignore_index=True)
+        log.info("--train-on-val: training on %d slices of %d patients; no validation, the last epoch is kept",
+                 len(frames["train"]), frames["train"]["patient"].nunique())
 
     model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
                  normalization=args.normalization)
@@ -311,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         state["train_seconds"] += time.time() - started
 
         model.eval()
-        val = evaluate_model(model, frames["val"], progress=False)
+        nan = float("nan")
+        val = ({"patient_dice_mean": nan, "tumor_slice_dice_mean": nan, "slice_dice_mean": nan, "healthy_fp_rate": nan}
+               if args.train_on_val else evaluate_model(model, frames["val"], progress=False))
         row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["step_in_epoch"], 1),
                "lr": scheduler.get_last_lr()[0], "val_patient_dice": val["patient_dice_mean"],
                "val_tumor_slice_dice": val["tumor_slice_dice_mean"], "val_slice_dice": val["slice_dice_mean"],
@@ -319,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         state["history"].append(row)
         log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f",
                  row["epoch"], row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
-        if val["patient_dice_mean"] > state["best_score"]:
+        if args.train_on_val:
+            state.update(best_epoch=epoch + 1)
+            model.save_pretrained(out_dir / "best")
+        elif val["patient_dice_mean"] > state["best_score"]:
             state.update(best_score=val["patient_dice_mean"], best_epoch=epoch + 1, bad_epochs=0)
             model.save_pretrained(out_dir / "best")
         else:
@@ -332,18 +351,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if state["bad_epochs"] >= args.patience:
         log.info("early stop: no better validation Dice for %d epochs", args.patience)
-    log.info("best validation patient Dice %.4f at epoch %d", state["best_score"], state["best_epoch"])
+    if not args.train_on_val:
+        log.info("best validation patient Dice %.4f at epoch %d", state["best_score"], state["best_epoch"])
 
     model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
-    if not args.no_tune:
+    if args.no_tune or args.train_on_val:
+        model.threshold, model.min_component_area = args.threshold, args.min_component_area
+    else:
         for key, value in tune_postprocessing(model, frames["val"], args.tta).items():
             setattr(model, key, value)
-    val = evaluate_model(model, frames["val"], progress=False)
+    val = {} if args.train_on_val else evaluate_model(model, frames["val"], progress=False)
     test = evaluate_model(model, frames["test"]) if len(frames["test"]) else {}
     metrics = {
         "test": test,
         "val": val,
         "best_epoch": state["best_epoch"],
+        "trained_on": ["train", "val"] if args.train_on_val else ["train"],
         "epochs_trained": state["epoch"],
         "train_hours": round(state["train_seconds"] / 3600, 3),
         "machine": machine_description(device),

@@ -1,4 +1,5 @@
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import train
+from unet.data import scan_dataset
 from unet.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,27 @@ def test_evaluate_cli_errors_are_one_line(trained_run, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_on_val_fits_train_and_val_patients_and_keeps_the_last_epoch(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    out = tmp_path / "final"
+    code = train.main(["--synthetic", "--train-on-val", "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "4",
+                       "--image-size", "64", "--width", "8", "--threshold", "0.55", "--min-component-area", "16",
+                       "--out-dir", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["trained_on"] == ["train", "val"] and metrics["val"] == {} and metrics["best_epoch"] == 2
+    assert metrics["test"]["patients"] == len(metrics["splits"]["test"])
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert (config["threshold"], config["min_component_area"]) == (0.55, 16)
+    assert pd.read_csv(out / "history.csv")["val_patient_dice"].isna().all()
+    slices = scan_dataset(out / "synthetic")["patient"].isin(metrics["splits"]["train"] + metrics["splits"]["val"]).sum()
+    assert f"training on {slices} slices" in caplog.text
+    shipped = load_model(str(out / "model")).state_dict()
+    last = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(shipped[k], last[k]) for k in last)
+    assert "trained on the training and validation patients" in (out / "model" / "README.md").read_text()
 
 
 def test_epoch_indices_are_replayable_and_tumor_weighted():

@@ -99,6 +99,10 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
                     if config else "U-Net")
     post = (f"threshold {config.get('threshold', 0.5)}, minimum component area {config.get('min_component_area', 0)} px, "
             f"flip test-time augmentation {'on' if config.get('tta_flips') else 'off'}" if config else "see config.json")
+    if "val" in (metrics.get("trained_on") or []):
+        epochs_note = "the last one kept; trained on the training and validation patients, so nothing was selected on validation"
+    else:
+        epochs_note = f"best validation epoch {metrics.get('best_epoch', '?')}"
     if config.get("normalization") == "slice":
         scaling = "standardised per channel with each slice's own mean and std over its non-background pixels"
     else:
@@ -155,7 +159,7 @@ rate is the share of tumor-free slices where any pixel is predicted.
 
 - Command: `{metrics.get('command', '?')}`
 - Data: {metrics.get('data', '?')}
-- Epochs: {metrics.get('epochs_trained', '?')} (best validation epoch {metrics.get('best_epoch', '?')}),
+- Epochs: {metrics.get('epochs_trained', '?')} ({epochs_note}),
   {float(metrics.get('train_hours') or 0):.2f} h on {metrics.get('machine', '?')}, precision {metrics.get('precision', '?')}.
 - Patients are split (never slices), stratified by tumor presence and institution:
 

@@ -46,7 +46,8 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="kaggle_3m folder or its parent (default: %(default)s)")
+    data.add_argument("--data-dir", default=None,
+                      help=f"kaggle_3m folder or its parent (default: {DEFAULT_DATA_DIR}; with --resume, the run's own)")
     data.add_argument("--synthetic", action="store_true", help="train on generated phantom slices written to OUT_DIR/synthetic")
     data.add_argument("--patients", type=int, default=None, help="use only the first N patients (quick runs)")
     data.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation (default: %(default)s)")
@@ -222,6 +223,14 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def machines_text(machines: list[dict], last_epoch: int) -> str:
+    """One machine by name; a run resumed elsewhere as 'A (epochs 1-46), B (epochs 47-60)'."""
+    if len(machines) == 1:
+        return machines[0]["machine"]
+    ends = [m["from_epoch"] - 1 for m in machines[1:]] + [last_epoch]
+    return ", ".join(f"{m['machine']} (epochs {m['from_epoch']}-{end})" for m, end in zip(machines, ends))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -235,13 +244,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved = state["args"]
+        data_dir_given = args.data_dir  # the data may sit elsewhere on this machine; the split is by patient id
         # The data, split and model of a run are fixed by its first start; the length may change.
         for key in vars(args):
             if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
                            "private", "revision"):
                 setattr(args, key, saved.get(key, getattr(args, key)))  # runs older than a flag lack it
+        args.data_dir = data_dir_given or args.data_dir
         log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
 
+    args.data_dir = args.data_dir or str(DEFAULT_DATA_DIR)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = pick_device(args.device)
@@ -257,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.patients:
         df = df[df["patient"].isin(sorted(df["patient"].unique())[: args.patients])]
     splits = state["splits"] if state else split_patients(df, args.val_fraction, args.test_fraction, args.seed)
+    missing = sorted(set().union(*splits.values()) - set(df["patient"]))
+    if missing:
+        log.error("error: %s lacks %d patients of the run's split, e.g. %s", data_dir, len(missing), missing[0])
+        return 2
     frames = {name: df[df["patient"].isin(ids)].reset_index(drop=True) for name, ids in splits.items()}
     for name, frame in frames.items():
         log.info("%-5s %3d patients %5d slices (%d with tumor)", name, len(splits[name]), len(frame), int(frame["has_tumor"].sum()))
@@ -295,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         state = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "best_score": -1.0, "best_epoch": 0,
                  "bad_epochs": 0, "history": [], "train_seconds": 0.0, "splits": splits, "args": vars(args)}
+
+    machine = machine_description(device)
+    if not state.get("machines") or state["machines"][-1]["machine"] != machine:
+        state.setdefault("machines", []).append({"machine": machine, "from_epoch": state["epoch"] + 1})
 
     def checkpoint() -> None:
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -369,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "trained_on": ["train", "val"] if args.train_on_val else ["train"],
         "epochs_trained": state["epoch"],
         "train_hours": round(state["train_seconds"] / 3600, 3),
-        "machine": machine_description(device),
+        "machine": machines_text(state["machines"], state["epoch"]),
         "precision": precision,
         "parameters": count_parameters(model),
         "splits": splits,

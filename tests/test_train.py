@@ -14,6 +14,7 @@ import torch
 import train
 from unet.data import scan_dataset
 from unet.model import load_model
+from unet.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,8 +121,15 @@ def test_real_run_resumes_after_kill_mid_epoch(real_data_dir, tmp_path):
     assert state["epoch"] == 0 and state["step_in_epoch"] > 0, "the kill should land mid-epoch"
     killed_at = state["step_in_epoch"]
 
-    resumed = run(args + ["--resume"])
+    # a run moves between machines: its data folder may change, its patients may not
+    other = make_synthetic_dataset(tmp_path / "other", patients=3, slices=4, size=128, healthy_patients=1, seed=0)
+    refused = run(args + ["--resume", "--data-dir", str(other)])
+    assert refused.returncode == 2 and "lacks" in refused.stderr and "Traceback" not in refused.stderr
+    moved = tmp_path / "moved"
+    moved.symlink_to(real_data_dir, target_is_directory=True)
+    resumed = run(args + ["--resume", "--data-dir", str(moved)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "model" / "metrics.json").read_text())["data"] == str(moved)
     assert f"resuming {checkpoint} at epoch 1, step {killed_at}" in resumed.stderr
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2]
@@ -144,3 +152,9 @@ def test_train_reports_bad_data_dir(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     result = run(["train.py", "--out-dir", str(tmp_path), "--resume"])
     assert result.returncode == 2 and "no checkpoint" in result.stderr
+
+
+def test_a_run_resumed_on_another_machine_names_both():
+    machines = [{"machine": "NVIDIA H200", "from_epoch": 1}, {"machine": "AMD EPYC, 2 cores", "from_epoch": 47}]
+    assert train.machines_text(machines, 60) == "NVIDIA H200 (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
+    assert train.machines_text(machines[:1], 60) == "NVIDIA H200"

@@ -353,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                "val_tumor_slice_dice": val["tumor_slice_dice_mean"], "val_slice_dice": val["slice_dice_mean"],
                "val_healthy_fp_rate": val["healthy_fp_rate"], "train_seconds": round(state["train_seconds"], 1)}
         state["history"].append(row)
-        log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f",
-                 row["epoch"], row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
+        if args.train_on_val:
+            log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])
+        else:
+            log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f", row["epoch"],
+                     row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
         if args.train_on_val:
             state.update(best_epoch=epoch + 1)
             model.save_pretrained(out_dir / "best")

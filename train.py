@@ -225,6 +225,8 @@ def machine_description(device: torch.device) -> str:
 
 def machines_text(machines: list[dict], last_epoch: int) -> str:
     """One machine by name; a run resumed elsewhere as 'A (epochs 1-46), B (epochs 47-60)'."""
+    if machines[0]["from_epoch"] > 1:  # started by a train.py that did not record machines
+        machines = [{"machine": "an unrecorded machine", "from_epoch": 1}, *machines]
     if len(machines) == 1:
         return machines[0]["machine"]
     ends = [m["from_epoch"] - 1 for m in machines[1:]] + [last_epoch]

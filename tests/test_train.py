@@ -158,3 +158,4 @@ def test_a_run_resumed_on_another_machine_names_both():
     machines = [{"machine": "NVIDIA H200", "from_epoch": 1}, {"machine": "AMD EPYC, 2 cores", "from_epoch": 47}]
     assert train.machines_text(machines, 60) == "NVIDIA H200 (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
     assert train.machines_text(machines[:1], 60) == "NVIDIA H200"
+    assert train.machines_text(machines[1:], 60) == "an unrecorded machine (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"

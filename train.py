@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--patients", type=int, default=None, help="use only the first N patients (quick runs)")
     data.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation (default: %(default)s)")
     data.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test (default: %(default)s)")
+    data.add_argument("--folds", type=int, default=0,
+                      help="cross-validation: the test patients are fold --fold of this many instead of --test-fraction")
+    data.add_argument("--fold", type=int, default=0, help="which fold is the test, 0..FOLDS-1 (default: %(default)s)")
     data.add_argument("--train-on-val", action="store_true",
                       help="final fit: train on the training and validation patients for exactly --epochs, keep the last "
                            "epoch, and take the post-processing from --threshold and --min-component-area "
@@ -102,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.push and not args.repo_id:
         p.error("--push needs --repo-id USER/NAME")
+    if args.folds and (args.folds < 2 or not 0 <= args.fold < args.folds):
+        p.error(f"--fold {args.fold} of --folds {args.folds}: need at least 2 folds and 0 <= fold < folds")
     return args
 
 
@@ -270,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.patients:
         df = df[df["patient"].isin(sorted(df["patient"].unique())[: args.patients])]
-    splits = state["splits"] if state else split_patients(df, args.val_fraction, args.test_fraction, args.seed)
+    try:
+        splits = state["splits"] if state else split_patients(df, args.val_fraction, args.test_fraction, args.seed,
+                                                              args.folds, args.fold)
+    except DatasetError as error:
+        log.error("error: %s", error)
+        return 2
     missing = sorted(set().union(*splits.values()) - set(df["patient"]))
     if missing:
         log.error("error: %s lacks %d patients of the run's split, e.g. %s", data_dir, len(missing), missing[0])

@@ -91,6 +91,28 @@ def test_split_is_by_patient_and_reproducible(synthetic_dir):
     assert split_patients(df, 0.25, 0.25, seed=2) != a
 
 
+def test_folds_test_every_patient_once(synthetic_dir):
+    df = scan_dataset(synthetic_dir)
+    splits = [split_patients(df, 0.25, seed=3, folds=4, fold=k) for k in range(4)]
+    tested = [p for s in splits for p in s["test"]]
+    assert sorted(tested) == sorted(df["patient"].unique())
+    for s in splits:
+        assert len(s["test"]) == 2 and len(s["val"]) == 2
+        assert not set(s["train"]) & set(s["val"]) and not (set(s["train"]) | set(s["val"])) & set(s["test"])
+    assert splits == [split_patients(df, 0.25, seed=3, folds=4, fold=k) for k in range(4)]
+    for folds, fold in ((4, 4), (1, 0), (9, 0)):
+        with pytest.raises(DatasetError, match="fold"):
+            split_patients(df, folds=folds, fold=fold)
+
+
+def test_real_folds_spread_each_institution(real_data_dir):
+    df = scan_dataset(real_data_dir, check_images=False)
+    for k in range(5):
+        test = split_patients(df, folds=5, fold=k)["test"]
+        per_institution = {i: sum(p.split("_")[1] == i for p in test) for i in ("CS", "DU", "FG", "HT")}
+        assert len(test) == 12 and min(per_institution.values()) >= 1, per_institution
+
+
 def test_augmentation_keeps_image_and_mask_aligned():
     rng = np.random.default_rng(0)
     image = np.zeros((256, 256, 3), np.uint8)

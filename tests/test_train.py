@@ -87,6 +87,29 @@ def test_train_on_val_fits_train_and_val_patients_and_keeps_the_last_epoch(tmp_p
     assert "trained on the training and validation patients" in (out / "model" / "README.md").read_text()
 
 
+def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
+    models = []
+    for fold in (0, 1):
+        out = tmp_path / f"cv-{fold}"
+        assert train.main(["--synthetic", "--folds", "2", "--fold", str(fold), "--epochs", "1", "--steps-per-epoch", "3",
+                           "--batch-size", "4", "--image-size", "64", "--width", "8", "--no-tune", "--out-dir", str(out)]) == 0
+        models.append(json.loads((out / "model" / "metrics.json").read_text()))
+    data_dir = tmp_path / "cv-0" / "synthetic"
+    result = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--json",
+                  "--cv", str(tmp_path / "cv-0" / "model"), str(tmp_path / "cv-1" / "model")])
+    assert result.returncode == 0, result.stderr
+    pooled = json.loads(result.stdout.strip().splitlines()[-1])
+    assert pooled["patients"] == scan_dataset(data_dir)["patient"].nunique()
+    # each patient's Dice is the one its own fold's model measured at the end of training
+    expected = {**models[0]["test"]["per_patient_dice"], **models[1]["test"]["per_patient_dice"]}
+    assert pooled["per_patient_dice"] == pytest.approx(expected, abs=1e-3)
+
+    twice = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"),
+                 str(tmp_path / "cv-0" / "model")])
+    assert twice.returncode == 2 and "which another fold tests too" in twice.stderr
+    assert len(twice.stderr.strip().splitlines()) == 1
+
+
 def test_epoch_indices_are_replayable_and_tumor_weighted():
     has_tumor = np.array([True] * 10 + [False] * 90)
     a = train.epoch_indices(has_tumor, 0.5, 4000, seed=3, epoch=7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import albumentations as A
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,15 @@ def institution(patient: str) -> str:
 
 
 def split_patients(
-    df: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42
+    df: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
+    folds: int = 0, fold: int = 0,
 ) -> dict[str, list[str]]:
     """Split patients (never slices) into train / val / test.
 
     Stratified by whether a patient has any tumor and by institution, falling back to
-    coarser strata when a stratum is too small to be split.
+    coarser strata when a stratum is too small to be split. With ``folds`` > 1 the test
+    patients are fold ``fold`` of a k-fold split instead of ``test_fraction``, so the
+    runs of folds 0..k-1 test every patient exactly once.
     """
     patients = df.groupby("patient")["has_tumor"].any().reset_index()
     strata_options = [
@@ -132,7 +136,23 @@ def split_patients(
                 continue
         raise DatasetError(f"cannot split {len(frame)} patients with fraction {fraction}")
 
-    rest, test = split(patients, test_fraction, strata_options)
+    if folds:
+        if folds < 2 or not 0 <= fold < folds:
+            raise DatasetError(f"fold {fold} of {folds}: need at least 2 folds and 0 <= fold < folds")
+        if folds > len(patients):
+            raise DatasetError(f"cannot make {folds} folds of {len(patients)} patients")
+        for strata in strata_options:
+            if strata is None or strata.value_counts().max() >= folds:
+                break
+        splitter = KFold(folds, shuffle=True, random_state=seed) if strata is None else \
+            StratifiedKFold(folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # an institution with fewer patients than folds is fine: it lands in fewer folds
+            warnings.filterwarnings("ignore", message="The least populated class")
+            rest_index, test_index = list(splitter.split(patients, None if strata is None else strata))[fold]
+        rest, test = patients.iloc[rest_index], patients.iloc[test_index]
+        test_fraction = 1 / folds
+    else:
+        rest, test = split(patients, test_fraction, strata_options)
     rest_val_fraction = val_fraction / (1 - test_fraction) if test_fraction < 1 else 0
     train, val = split(rest, rest_val_fraction, strata_options)
     return {name: sorted(part["patient"]) for name, part in (("train", train), ("val", val), ("test", test))}

@@ -1,6 +1,7 @@
 """Evaluate a saved model on a kaggle_3m folder: the metrics users compare with papers.
 
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --model models/brain-mri-unet --split test --json
+    python -m unet.evaluate --data-dir ../shared/data/lgg_subset --cv runs/cv-*/model     # pool k-fold runs
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,21 +35,57 @@ def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision
     return probs, targets
 
 
+def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: float,
+                min_component_area: int) -> np.ndarray:
+    """Per-slice `pixel_counts` of the masks that a threshold and post-processing make of ``probs``."""
+    preds = np.stack([postprocess(p, threshold, min_component_area) for p in probs])
+    return pixel_counts(preds, np.stack(targets))
+
+
 def score(probs: list[np.ndarray], targets: list[np.ndarray], patients: list[str],
           threshold: float, min_component_area: int) -> dict:
-    preds = np.stack([postprocess(p, threshold, min_component_area) for p in probs])
-    return summarize(pixel_counts(preds, np.stack(targets)), patients)
+    return summarize(mask_counts(probs, targets, threshold, min_component_area), patients)
+
+
+def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
+                   progress: bool = True) -> np.ndarray:
+    """Per-slice `pixel_counts` of the model's masks (its own threshold and post-processing) on ``df``."""
+    probs, targets = predict_frame(model, df, batch_size, precision, progress)
+    return mask_counts(probs, targets, model.threshold, model.min_component_area)
 
 
 def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
                    progress: bool = True) -> dict:
     """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
-    probs, targets = predict_frame(model, df, batch_size, precision, progress)
-    return score(probs, targets, list(df["patient"]), model.threshold, model.min_component_area)
+    return summarize(predict_counts(model, df, batch_size, precision, progress), list(df["patient"]))
+
+
+def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto") -> dict:
+    """Cross-validation: each fold's model on its own test patients, pooled into one set of metrics.
+
+    The slices' pixel counts are pooled before summarising, so every metric is exactly what one
+    evaluation over all the tested patients would give.
+    """
+    tests, tested = [], set()
+    for model_dir in model_dirs:  # check every fold before evaluating any
+        metrics_path = Path(model_dir) / "metrics.json"
+        if not metrics_path.is_file():
+            raise DatasetError(f"{metrics_path} not found: --cv takes model folders written by train.py")
+        test = json.loads(metrics_path.read_text())["splits"]["test"]
+        if tested & set(test):
+            raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
+        tested |= set(test)
+        tests.append(select_patients(df, "all", 0, 0, 0, patients=test))
+    counts, patients = [], []
+    for model_dir, part in zip(model_dirs, tests):
+        counts.append(predict_counts(prepare_for_inference(load_model(model_dir)), part, batch_size, precision))
+        patients += list(part["patient"])
+    log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
+    return summarize(np.concatenate(counts), patients)
 
 
 def select_patients(df: pd.DataFrame, split: str, seed: int, val_fraction: float, test_fraction: float,
-                    patients: list[str] | None = None) -> pd.DataFrame:
+                    patients: list[str] | None = None, folds: int = 0, fold: int = 0) -> pd.DataFrame:
     if patients:
         unknown = sorted(set(patients) - set(df["patient"]))
         if unknown:
@@ -55,7 +93,7 @@ def select_patients(df: pd.DataFrame, split: str, seed: int, val_fraction: float
         return df[df["patient"].isin(patients)]
     if split == "all":
         return df
-    return df[df["patient"].isin(split_patients(df, val_fraction, test_fraction, seed)[split])]
+    return df[df["patient"].isin(split_patients(df, val_fraction, test_fraction, seed, folds, fold)[split])]
 
 
 def format_table(metrics: dict) -> str:
@@ -70,12 +108,18 @@ def format_table(metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate a U-Net on a kaggle_3m folder.")
     parser.add_argument("--data-dir", required=True, help="the kaggle_3m folder, or a folder that contains it")
-    parser.add_argument("--model", required=True, help="a model folder (config.json + model.safetensors) or a Hub repo id")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="a model folder (config.json + model.safetensors) or a Hub repo id")
+    target.add_argument("--cv", nargs="+", metavar="MODEL_DIR",
+                        help="the model folders of k-fold runs (train.py --folds K --fold k): each is evaluated on its "
+                             "own test patients and the folds are pooled")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (with a repo id)")
     parser.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                         help="which patients: all, or a split made as train.py makes it (default: all)")
     parser.add_argument("--patients", nargs="+", help="evaluate exactly these patient ids (overrides --split)")
     parser.add_argument("--seed", type=int, default=42, help="split seed, as given to train.py")
+    parser.add_argument("--folds", type=int, default=0, help="with --split: the k-fold split of train.py --folds")
+    parser.add_argument("--fold", type=int, default=0, help="with --split and --folds: which fold is the test")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -85,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        model = prepare_for_inference(load_model(args.model, revision=args.revision))
-        df = select_patients(scan_dataset(args.data_dir), args.split, args.seed, args.val_fraction,
-                             args.test_fraction, args.patients)
+        if args.cv:
+            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision)
+        else:
+            model = prepare_for_inference(load_model(args.model, revision=args.revision))
+            df = select_patients(scan_dataset(args.data_dir), args.split, args.seed, args.val_fraction,
+                                 args.test_fraction, args.patients, args.folds, args.fold)
+            metrics = evaluate_model(model, df, args.batch_size, args.precision)
     except (DatasetError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    metrics = evaluate_model(model, df, args.batch_size, args.precision)
     print(format_table(metrics))
     if args.json:
         print(json.dumps(metrics))

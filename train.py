@@ -365,19 +365,18 @@ def main(argv: list[str] | None = None) -> int:
                "val_tumor_slice_dice": val["tumor_slice_dice_mean"], "val_slice_dice": val["slice_dice_mean"],
                "val_healthy_fp_rate": val["healthy_fp_rate"], "train_seconds": round(state["train_seconds"], 1)}
         state["history"].append(row)
-        if args.train_on_val:
+        if args.train_on_val:  # nothing to select on: the last epoch is the model
             log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])
+            state.update(best_epoch=epoch + 1)
+            model.save_pretrained(out_dir / "best")
         else:
             log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f", row["epoch"],
                      row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
-        if args.train_on_val:
-            state.update(best_epoch=epoch + 1)
-            model.save_pretrained(out_dir / "best")
-        elif val["patient_dice_mean"] > state["best_score"]:
-            state.update(best_score=val["patient_dice_mean"], best_epoch=epoch + 1, bad_epochs=0)
-            model.save_pretrained(out_dir / "best")
-        else:
-            state["bad_epochs"] += 1
+            if val["patient_dice_mean"] > state["best_score"]:
+                state.update(best_score=val["patient_dice_mean"], best_epoch=epoch + 1, bad_epochs=0)
+                model.save_pretrained(out_dir / "best")
+            else:
+                state["bad_epochs"] += 1
         history = pd.DataFrame(state["history"])
         history.to_csv(out_dir / "history.csv", index=False)
         plot_history(history, out_dir / "curves.png")

@@ -105,8 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.push and not args.repo_id:
         p.error("--push needs --repo-id USER/NAME")
-    if args.folds and (args.folds < 2 or not 0 <= args.fold < args.folds):
-        p.error(f"--fold {args.fold} of --folds {args.folds}: need at least 2 folds and 0 <= fold < folds")
     return args
 
 

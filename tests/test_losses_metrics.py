@@ -1,11 +1,13 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unet.inference import postprocess
+from unet.evaluate import mask_counts
+from unet.inference import keep_largest_volume_component, postprocess
 from unet.losses import BCEDiceLoss, dice_loss
 from unet.metrics import pixel_counts, summarize
 
@@ -81,3 +83,28 @@ def test_postprocess_threshold_and_small_components():
     assert postprocess(prob, 0.6).sum() == 68
     assert postprocess(prob, 0.5, min_component_area=5).sum() == 64
     assert postprocess(prob, 0.95).sum() == 0
+
+
+def test_largest_volume_component_joins_slices_and_drops_strays():
+    volume = np.zeros((4, 12, 12), bool)
+    volume[0, 2:5, 2:5] = True   # 9 px
+    volume[1, 5:7, 5:7] = True   # 4 px, touching slice 0's blob only diagonally: one 13-voxel tumor
+    volume[3, 8:11, 8:12] = True  # 12 px: the biggest blob of any single slice, but alone
+    kept = keep_largest_volume_component(volume)
+    assert kept[:2].sum() == 13 and not kept[2:].any()
+    assert not keep_largest_volume_component(np.zeros((3, 8, 8), bool)).any()
+    assert (keep_largest_volume_component(volume[3:]) == volume[3:]).all()
+
+
+def test_mask_counts_takes_volumes_in_slice_order_per_patient():
+    blob = np.zeros((12, 12), np.float32)
+    blob[2:6, 2:6] = 1.0  # 16 px
+    big = np.zeros((12, 12), np.float32)
+    big[7:12, 7:12] = 1.0  # 25 px, touching no blob
+    # patient A's rows come as slices 1, 4, 2: in slice order its blobs of slices 1 and 2 make one
+    # 32-voxel tumor and the 25-pixel blob goes; stacked in row order, that blob would win
+    probs = [blob, big, blob, blob, big]
+    volumes = pd.DataFrame({"patient": ["A", "A", "A", "B", "B"], "slice": [1, 4, 2, 1, 2]})
+    targets = [np.zeros((12, 12), bool)] * 5
+    assert list(mask_counts(probs, targets, 0.5, 0)[:, 1]) == [16, 25, 16, 16, 25]
+    assert list(mask_counts(probs, targets, 0.5, 0, volumes)[:, 1]) == [16, 0, 16, 0, 25]

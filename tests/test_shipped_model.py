@@ -5,8 +5,12 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
+from unet.data import scan_dataset
 from unet.evaluate import main as evaluate_main
+from unet.evaluate import mask_counts, predict_frame, select_patients
 from unet.hub import SHIPPED_MODEL_DIR
+from unet.inference import prepare_for_inference
+from unet.metrics import summarize
 from unet.model import load_model
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "model.safetensors").is_file(),
@@ -46,6 +50,24 @@ def test_evaluate_reproduces_the_shipped_test_metrics(real_data_dir, capsys):
     assert (measured["patients"], measured["slices"]) == (expected["patients"], expected["slices"])
     for key in ("patient_dice_mean", "patient_dice_median", "tumor_slice_dice_mean", "slice_dice_mean", "healthy_fp_rate"):
         assert measured[key] == pytest.approx(expected[key], abs=0.003), key
+
+
+@pytest.mark.real_data
+def test_whole_volume_post_processing_only_removes_pixels_and_its_numbers_are_in_the_readme(real_data_dir):
+    test_patients = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())["splits"]["test"]
+    df = select_patients(scan_dataset(real_data_dir), "all", 0, 0, 0, patients=test_patients)
+    model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
+    probs, targets = predict_frame(model, df, progress=False)
+    per_slice = mask_counts(probs, targets, model.threshold, model.min_component_area)
+    per_volume = mask_counts(probs, targets, model.threshold, model.min_component_area, df)
+    assert (per_volume <= per_slice).all() and per_volume[:, 1].sum() < per_slice[:, 1].sum()
+    assert (per_volume[:, 2] == per_slice[:, 2]).all()
+    measured = summarize(per_volume, list(df["patient"]))
+    readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
+    start = readme.index("## Results")
+    section = readme[start:readme.index("**Cross-validation", start)]
+    for key in ("patient_dice_mean", "tumor_slice_dice_mean", "healthy_fp_rate"):
+        assert re.search(rf"\b{measured[key]:.3f}\b", section), key
 
 
 def test_readme_states_the_shipped_numbers():

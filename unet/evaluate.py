@@ -2,6 +2,7 @@
 
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --model models/brain-mri-unet --split test --json
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --cv runs/cv-*/model     # pool k-fold runs
+    ... --largest-3d-component    # also cut each patient's masks to their largest 3D component
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from unet.data import DatasetError, read_image, read_mask, scan_dataset, split_patients
-from unet.inference import postprocess, predict_proba, prepare_for_inference
+from unet.inference import keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference
 from unet.metrics import pixel_counts, summarize
 from unet.model import UNet, load_model
 
@@ -36,9 +37,19 @@ def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision
 
 
 def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: float,
-                min_component_area: int) -> np.ndarray:
-    """Per-slice `pixel_counts` of the masks that a threshold and post-processing make of ``probs``."""
+                min_component_area: int, volumes: pd.DataFrame | None = None) -> np.ndarray:
+    """Per-slice `pixel_counts` of the masks that a threshold and post-processing make of ``probs``.
+
+    With ``volumes`` (the slices' `scan_dataset` rows, for their patient and slice number), each
+    patient's masks are then cut to the largest 3D component, `keep_largest_volume_component`.
+    """
     preds = np.stack([postprocess(p, threshold, min_component_area) for p in probs])
+    if volumes is not None:
+        patients, slices = volumes["patient"].to_numpy(), volumes["slice"].to_numpy()
+        for patient in np.unique(patients):
+            rows = np.flatnonzero(patients == patient)
+            rows = rows[np.argsort(slices[rows])]
+            preds[rows] = keep_largest_volume_component(preds[rows])
     return pixel_counts(preds, np.stack(targets))
 
 
@@ -48,19 +59,22 @@ def score(probs: list[np.ndarray], targets: list[np.ndarray], patients: list[str
 
 
 def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   progress: bool = True) -> np.ndarray:
+                   progress: bool = True, largest_3d_component: bool = False) -> np.ndarray:
     """Per-slice `pixel_counts` of the model's masks (its own threshold and post-processing) on ``df``."""
     probs, targets = predict_frame(model, df, batch_size, precision, progress)
-    return mask_counts(probs, targets, model.threshold, model.min_component_area)
+    return mask_counts(probs, targets, model.threshold, model.min_component_area,
+                       df if largest_3d_component else None)
 
 
 def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, largest_3d_component: bool = False) -> dict:
     """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
-    return summarize(predict_counts(model, df, batch_size, precision, progress), list(df["patient"]))
+    counts = predict_counts(model, df, batch_size, precision, progress, largest_3d_component)
+    return summarize(counts, list(df["patient"]))
 
 
-def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto") -> dict:
+def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
+                   largest_3d_component: bool = False) -> dict:
     """Cross-validation: each fold's model on its own test patients, pooled into one set of metrics.
 
     The slices' pixel counts are pooled before summarising, so every metric is exactly what one
@@ -78,7 +92,8 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
         tests.append(select_patients(df, "all", 0, 0, 0, patients=test))
     counts, patients = [], []
     for model_dir, part in zip(model_dirs, tests):
-        counts.append(predict_counts(prepare_for_inference(load_model(model_dir)), part, batch_size, precision))
+        model = prepare_for_inference(load_model(model_dir))
+        counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component))
         patients += list(part["patient"])
     log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
     return summarize(np.concatenate(counts), patients)
@@ -125,20 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 where the CPU or GPU supports it, else fp32")
+    parser.add_argument("--largest-3d-component", action="store_true",
+                        help="keep only each patient's largest 3D connected component: whole-volume post-processing "
+                             "as in the reference code of Buda et al., which the single-slice app cannot apply")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.cv:
-            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision)
+            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision,
+                                     args.largest_3d_component)
         else:
             model = prepare_for_inference(load_model(args.model, revision=args.revision))
             df = select_patients(scan_dataset(args.data_dir), args.split, args.seed, args.val_fraction,
                                  args.test_fraction, args.patients, args.folds, args.fold)
-            metrics = evaluate_model(model, df, args.batch_size, args.precision)
+            metrics = evaluate_model(model, df, args.batch_size, args.precision,
+                                     largest_3d_component=args.largest_3d_component)
     except (DatasetError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    metrics["largest_3d_component"] = args.largest_3d_component
     print(format_table(metrics))
     if args.json:
         print(json.dumps(metrics))

@@ -11,6 +11,7 @@ import contextlib
 import cv2
 import numpy as np
 import torch
+from scipy import ndimage
 
 from unet.data import normalize
 from unet.model import UNet
@@ -92,6 +93,19 @@ def postprocess(prob: np.ndarray, threshold: float, min_component_area: int = 0)
         keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_component_area
         mask = keep[labels].astype(np.uint8)
     return mask.astype(bool)
+
+
+def keep_largest_volume_component(masks: np.ndarray) -> np.ndarray:
+    """(S, H, W) masks of one patient's slices, in slice order -> only the largest 3D connected component.
+
+    Whole-volume post-processing, as Buda et al.'s reference code does: a stray blob that touches no other
+    slice's tumor is far more often a false positive than a second lesion. It needs the patient's
+    neighbouring slices, so evaluation can apply it and the single-slice app cannot.
+    """
+    labels, count = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return masks.astype(bool)
+    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
 
 
 def segment(model: UNet, images: np.ndarray | list[np.ndarray], threshold: float | None = None,

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="standardise with the training set's channel statistics, or each slice's own (default: %(default)s)")
     data.add_argument("--flair-only-p", type=float, default=0.2,
                       help="probability of training on a slice whose three channels are all FLAIR (default: %(default)s)")
+    data.add_argument("--gamma-p", type=float, default=0.0,
+                      help="probability of a random intensity gamma (0.7 to 1.5) on a training slice (default: %(default)s)")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers; 0 is fastest on a small CPU (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
                  normalization=args.normalization)
     model.to(device).to(memory_format=torch.channels_last)
-    train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p), model.mean, model.std,
+    train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p), model.mean, model.std,
                            model.normalization)
     steps_per_epoch = args.steps_per_epoch or len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs

@@ -182,3 +182,22 @@ def test_flair_only_augmentation_copies_flair_into_every_channel():
     assert np.array_equal(flair_only(image)[..., 0], image[..., 1])
     never = [train_transforms(64)(image=image, mask=mask)["image"] for _ in range(5)]
     assert not any((n[..., 0] == n[..., 1]).all() for n in never)
+
+
+def test_gamma_augmentation_is_opt_in_and_survives_slice_normalisation():
+    def names(transform):
+        return [type(t).__name__ for t in transform.transforms]
+    assert "RandomGamma" not in names(train_transforms(64, 0.2))
+    with_gamma = train_transforms(64, 0.2, gamma_p=1.0)
+    assert names(with_gamma) == names(train_transforms(64, 0.2)) + ["RandomGamma"]
+    # standardising each slice undoes a brightness or contrast change that clips nothing, not a gamma
+    brightness_contrast, gamma = with_gamma.transforms[-2:]
+    brightness_contrast.p = 1.0
+    ramp = np.repeat(np.linspace(60, 180, 64).astype(np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    before = normalize(ramp, (0,) * 3, (1,) * 3, "slice")
+
+    def change(transform):
+        transform.set_random_seed(0)
+        return max(float((normalize(transform(image=ramp)["image"], (0,) * 3, (1,) * 3, "slice") - before).abs().max())
+                   for _ in range(20))
+    assert change(brightness_contrast) < 0.03 < 0.08 < change(gamma)

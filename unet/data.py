@@ -180,13 +180,18 @@ def flair_only(image: np.ndarray, **_: object) -> np.ndarray:
     return np.repeat(image[..., 1:2], 3, axis=2)
 
 
-def train_transforms(image_size: int = 256, flair_only_p: float = 0.0) -> A.Compose:
+def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: float = 0.0) -> A.Compose:
     """Flips, a mild affine and intensity jitter; the mask follows every geometric change.
 
     ``flair_only_p`` replaces the pre- and post-contrast channels by FLAIR that often: some
     patients (and every grayscale upload) come that way, and a model that never saw it finds
-    nothing on them.
+    nothing on them. ``gamma_p`` applies a random gamma (0.7 to 1.5) that often: per-slice
+    normalisation undoes any linear brightness or contrast change, a gamma changes how far a
+    faint tumor stands out from the brain around it.
     """
+    intensity = [A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5)]
+    if gamma_p > 0:  # only when asked, so runs without it draw the same random numbers as before it existed
+        intensity.append(A.RandomGamma(gamma_limit=(70, 150), p=gamma_p))
     return A.Compose(
         [
             A.Resize(image_size, image_size),
@@ -196,7 +201,7 @@ def train_transforms(image_size: int = 256, flair_only_p: float = 0.0) -> A.Comp
                 scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-15, 15),
                 border_mode=cv2.BORDER_CONSTANT, p=0.7,
             ),
-            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+            *intensity,
         ]
     )
 

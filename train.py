@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
-from unet.data import DatasetError, LGGDataset, scan_dataset, split_patients, train_transforms
+from unet.data import DatasetError, LGGDataset, scan_dataset, seed_augmentation, split_patients, train_transforms
 from unet.evaluate import evaluate_model, predict_frame, score
 from unet.inference import autocast_for, cpu_supports_bf16
 from unet.losses import BCEDiceLoss
@@ -121,6 +121,12 @@ def training_command(args: argparse.Namespace) -> str:
         if not isinstance(value, bool):
             words.append(shlex.quote(str(value)))
     return " ".join(words)
+
+
+def seed_worker_augmentation(worker_id: int) -> None:
+    """DataLoader workers start with copies of one augmentation generator: give each its own seed."""
+    info = torch.utils.data.get_worker_info()
+    seed_augmentation(info.dataset.transform, info.seed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -338,8 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         epoch = state["epoch"]
         indices = epoch_indices(has_tumor, args.tumor_fraction, steps_per_epoch * args.batch_size, args.seed, epoch)
         skip = state["step_in_epoch"] * args.batch_size
+        # Augmentation draws from albumentations' own generator, which no global seed reaches: seed it per
+        # epoch (and resume point), and each worker from the loader's seeded generator.
+        augmentation_seed = (args.seed * 100_003 + epoch) * 100_003 + state["step_in_epoch"]
+        seed_augmentation(train_set.transform, augmentation_seed)
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=indices[skip:], drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+                            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=seed_worker_augmentation,
+                            generator=torch.Generator().manual_seed(augmentation_seed))
         model.train()
         started = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=state["step_in_epoch"],

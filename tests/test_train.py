@@ -182,3 +182,41 @@ def test_a_run_resumed_on_another_machine_names_both():
     assert train.machines_text(machines, 60) == "NVIDIA H200 (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
     assert train.machines_text(machines[:1], 60) == "NVIDIA H200"
     assert train.machines_text(machines[1:], 60) == "an unrecorded machine (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_run(tmp_path, workers):
+    """Augmentation included: two runs with one seed train the same weights, a third seed does not."""
+    def weights(name: str, seed: int) -> dict:
+        out = tmp_path / name
+        assert train.main(["--synthetic", "--epochs", "1", "--steps-per-epoch", "4", "--batch-size", "4", "--image-size", "64",
+                           "--width", "8", "--no-tune", "--seed", str(seed), "--workers", str(workers),
+                           "--out-dir", str(out)]) == 0
+        return torch.load(out / "last.pt", weights_only=False)["model"]
+    first, again, other = weights("a", 1), weights("b", 1), weights("c", 2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_each_dataloader_worker_augments_with_its_own_stream():
+    class Augmented(torch.utils.data.Dataset):
+        transform = train.train_transforms(64, 0.2)
+        image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return torch.from_numpy(self.transform(image=self.image)["image"])
+
+    def batches(**kwargs):
+        loader = torch.utils.data.DataLoader(Augmented(), batch_size=1, sampler=[0] * 8, num_workers=2,
+                                             generator=torch.Generator().manual_seed(0), **kwargs)
+        return [batch[0] for batch in loader]  # workers take turns: 0, 1, 0, 1, ...
+
+    def same_streams(out):
+        return all(torch.equal(a, b) for a, b in zip(out[0::2], out[1::2]))
+    assert same_streams(batches())  # what the workers' copies of one seeded pipeline do on their own
+    assert not same_streams(batches(worker_init_fn=train.seed_worker_augmentation))
+    assert all(torch.equal(a, b) for a, b in zip(batches(worker_init_fn=train.seed_worker_augmentation),
+                                                 batches(worker_init_fn=train.seed_worker_augmentation)))

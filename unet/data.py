@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import re
 import warnings
 from pathlib import Path
@@ -204,6 +205,15 @@ def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: 
             *intensity,
         ]
     )
+
+
+def seed_augmentation(transform: A.Compose, seed: int) -> None:
+    """Seed a pipeline with one generator that all its transforms draw from in turn.
+
+    albumentations ignores global seeds, and its ``set_random_seed`` hands every transform its
+    own generator of the same seed, so their draws repeat one another (a flip with every affine).
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def eval_transforms(image_size: int = 256) -> A.Compose:

@@ -187,8 +187,8 @@ def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: 
     ``flair_only_p`` replaces the pre- and post-contrast channels by FLAIR that often: some
     patients (and every grayscale upload) come that way, and a model that never saw it finds
     nothing on them. ``gamma_p`` applies a random gamma (0.7 to 1.5) that often: per-slice
-    normalisation undoes any linear brightness or contrast change, a gamma changes how far a
-    faint tumor stands out from the brain around it.
+    normalisation undoes a brightness or contrast change wherever it clips nothing, while a gamma
+    changes how far a faint tumor stands out from the brain around it.
     """
     intensity = [A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5)]
     if gamma_p > 0:  # only when asked, so runs without it draw the same random numbers as before it existed

@@ -35,7 +35,8 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
-from unet.inference import postprocess, predict_proba, prepare_for_inference, to_rgb_uint8
+from unet.inference import (keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference,
+                            to_rgb_uint8)
 from unet.metrics import dice, pixel_counts
 from unet.model import UNet
 
@@ -327,11 +328,20 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
 
 def volume_results(model: UNet, names: list[str], images: list[np.ndarray], probs: list[np.ndarray],
                    references: dict[str, np.ndarray], threshold: float) -> tuple[list, list[np.ndarray], dict]:
-    """Threshold every slice: (gallery items (overlay, caption), masks, volume summary)."""
-    gallery, masks, counts = [], [], []
+    """Threshold every slice, then apply the model's whole-volume post-processing:
+    (gallery items (overlay, caption), masks, volume summary)."""
+    masks = [threshold_mask(model, prob, threshold) for prob in probs]
+    volume_step, removed = "off", 0
+    if model.largest_3d_component and masks:
+        if len({m.shape for m in masks}) == 1:
+            before = int(sum(m.sum() for m in masks))
+            masks = list(keep_largest_volume_component(np.stack(masks)))
+            volume_step, removed = "on", before - int(sum(m.sum() for m in masks))
+        else:
+            volume_step = "skipped: the slices differ in size"
+    gallery, counts = [], []
     tumor_total = brain_total = 0
-    for name, label, image, prob in zip(names, short_labels(names), images, probs):
-        mask = threshold_mask(model, prob, threshold)
+    for name, label, image, mask in zip(names, short_labels(names), images, masks):
         ref = references.get(name)
         caption = f"{label}: {int(mask.sum()):,} px" if mask.any() else f"{label}: no tumor"
         if ref is not None:
@@ -339,7 +349,6 @@ def volume_results(model: UNet, names: list[str], images: list[np.ndarray], prob
             counts.append(c)
             caption += f" · Dice {float(dice(*c)):.2f}"
         gallery.append((draw_overlay(image, mask, ref), caption))
-        masks.append(mask)
         tumor_total += int(mask.sum())
         brain_total += int((brain_mask(image) | mask).sum())
     areas = [int(m.sum()) for m in masks]
@@ -351,6 +360,8 @@ def volume_results(model: UNet, names: list[str], images: list[np.ndarray], prob
         "tumor_share_of_brain": round(tumor_total / brain_total, 6) if brain_total else 0.0,
         "largest_slice": names[int(np.argmax(areas))] if tumor_total else None,
         "threshold": round(float(threshold), 4),
+        "largest_3d_component": volume_step,  # the model config's whole-volume step
+        "pixels_outside_largest_3d_component": removed,
         "per_slice_pixels": dict(zip(names, areas)),
     }
     if counts:
@@ -370,6 +381,12 @@ def volume_markdown(summary: dict) -> str:
                 f"That is **{summary['tumor_share_of_brain'] * 100:.1f} %** of the brain across the slices "
                 f"({summary['brain_pixels']:,} pixels); the largest area is on {summary['largest_slice']} "
                 f"(threshold {summary['threshold']:.2f}).")
+    step = summary["largest_3d_component"]
+    if step == "on":
+        text += (f"\n\nAs the model's config asks, only the largest 3D tumor component across the slices is kept: "
+                 f"{summary['pixels_outside_largest_3d_component']:,} predicted pixels outside it were removed.")
+    elif step != "off":
+        text += f"\n\nThe model's largest-3D-component step was {step}."
     if "dice" in summary:
         text += (f"\n\n**Dice against the reference masks (whole volume, {summary['references']} slices): "
                  f"{summary['dice']:.3f}**")
@@ -641,7 +658,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
                                               interactive=False, height=320, elem_id="probability")
             single_state = gr.State(None, time_to_live=3600)
         with gr.Tab("Volume (several slices)"):
-            gr.Markdown("Upload all slices of one patient, as several files or one zip. Files named "
+            gr.Markdown("Upload all slices of one patient, as several files or one zip, taken in the order of the "
+                        "numbers in their names. Files named "
                         "`<slice>_mask.png` (or `.tif`) are taken as reference masks and scored with Dice.")
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):

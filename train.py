@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--fold", type=int, default=0, help="which fold is the test, 0..FOLDS-1 (default: %(default)s)")
     data.add_argument("--train-on-val", action="store_true",
                       help="final fit: train on the training and validation patients for exactly --epochs, keep the last "
-                           "epoch, and take the post-processing from --threshold and --min-component-area "
-                           "(choose all of them in a run without this flag first)")
+                           "epoch, and take the post-processing from --threshold, --min-component-area and "
+                           "--largest-3d-component (choose all of them in a run without this flag first)")
     data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
     data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
     data.add_argument("--normalization", choices=["dataset", "slice"], default="slice",
@@ -89,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling and initialisation")
     run.add_argument("--no-tune", action="store_true",
-                     help="use --threshold and --min-component-area instead of choosing them on validation")
+                     help="use --threshold, --min-component-area and --largest-3d-component instead of choosing them "
+                          "on validation")
     run.add_argument("--threshold", type=float, default=0.5, help="with --no-tune or --train-on-val (default: %(default)s)")
     run.add_argument("--min-component-area", type=int, default=0,
                      help="with --no-tune or --train-on-val: drop predicted components under this many pixels (default: %(default)s)")
+    run.add_argument("--largest-3d-component", action="store_true",
+                     help="with --no-tune or --train-on-val: keep only each patient's largest 3D component when its "
+                          "slices are segmented together (evaluation, the app's volume tab)")
     run.add_argument("--tta", action="store_true", help="let the tuning consider flip test-time augmentation (doubles inference time)")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push", action="store_true", help="publish OUT_DIR/model to the Hub at the end")
@@ -202,25 +206,31 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
 
 
 def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = False) -> dict:
-    """Pick threshold, minimum component area (and flip TTA) by validation patient Dice.
+    """Pick the post-processing by validation patient Dice: threshold, minimum component area (and flip
+    TTA) for single slices first, since that is all the app's one-slice tab sees; then whether keeping
+    each patient's largest 3D component on top of them helps whole volumes.
 
     Ties go to fewer false positives on healthy slices, then to the simpler setting.
     """
-    patients = list(val_df["patient"])
     best = None
     for tta in (False, True) if consider_tta else (False,):
         model.tta_flips = tta
         probs, targets = predict_frame(model, val_df, progress=False)
         for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
             for min_area in (0, 16, 32, 64, 128, 256):
-                m = score(probs, targets, patients, threshold, min_area)
+                m = score(probs, targets, val_df, threshold, min_area)
                 key = (round(m["patient_dice_mean"], 4), -m["healthy_fp_rate"])
                 if best is None or key > best[0]:
-                    best = (key, {"tta_flips": tta, "threshold": threshold, "min_component_area": min_area}, m)
+                    best = (key, {"tta_flips": tta, "threshold": threshold, "min_component_area": min_area},
+                            m, probs)
+    key, chosen, m, probs = best
+    volume = score(probs, targets, val_df, chosen["threshold"], chosen["min_component_area"], True)
+    chosen["largest_3d_component"] = (round(volume["patient_dice_mean"], 4), -volume["healthy_fp_rate"]) > key
     model.tta_flips = False
-    log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f)",
-             best[1], best[2]["patient_dice_mean"], best[2]["healthy_fp_rate"])
-    return best[1]
+    log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f; with the largest "
+             "3D component %.4f, %.3f)", chosen, m["patient_dice_mean"], m["healthy_fp_rate"],
+             volume["patient_dice_mean"], volume["healthy_fp_rate"])
+    return chosen
 
 
 def machine_description(device: torch.device) -> str:
@@ -403,13 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
     if args.no_tune or args.train_on_val:
         model.threshold, model.min_component_area = args.threshold, args.min_component_area
+        model.largest_3d_component = args.largest_3d_component
     else:
         for key, value in tune_postprocessing(model, frames["val"], args.tta).items():
             setattr(model, key, value)
     val = {} if args.train_on_val else evaluate_model(model, frames["val"], progress=False)
     test = evaluate_model(model, frames["test"]) if len(frames["test"]) else {}
+    test_per_slice = (evaluate_model(model, frames["test"], progress=False, largest_3d_component=False)
+                      if test and model.largest_3d_component else {})
     metrics = {
         "test": test,
+        "test_per_slice": test_per_slice,
         "val": val,
         "best_epoch": state["best_epoch"],
         "trained_on": ["train", "val"] if args.train_on_val else ["train"],

@@ -233,6 +233,29 @@ def test_volume_from_files_and_zip(model, tmp_path):
         app.read_volume([tmp_path / "P_1.tif", bad_files(tmp_path)["text"]])
 
 
+def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):
+    # a 300-voxel tumor through slices 1-3, and a blob bigger than any of its slices alone on slice 5
+    probs = [np.zeros((64, 64), np.float32) for _ in range(6)]
+    for k in (1, 2, 3):
+        probs[k][10:20, 10:20] = 0.9
+    probs[5][40:55, 40:55] = 0.9
+    names = [f"P_{k + 1}" for k in range(6)]
+    images = [np.full((64, 64, 3), 60, np.uint8)] * 6
+    monkeypatch.setattr(model, "min_component_area", 0)
+    monkeypatch.setattr(model, "largest_3d_component", False)
+    _, masks, summary = app.volume_results(model, names, images, probs, {}, 0.5)
+    assert summary["tumor_pixels"] == 300 + 225 and summary["largest_3d_component"] == "off"
+    monkeypatch.setattr(model, "largest_3d_component", True)
+    gallery, masks, summary = app.volume_results(model, names, images, probs, {}, 0.5)
+    assert summary["tumor_pixels"] == 300 and not masks[5].any() and masks[2][15, 15]
+    assert summary["largest_3d_component"] == "on" and summary["pixels_outside_largest_3d_component"] == 225
+    assert gallery[5][1] == "6: no tumor" and "225 predicted pixels outside it" in app.volume_markdown(summary)
+    # slices of different sizes cannot be stacked: the step is skipped, and the page says so
+    _, masks, summary = app.volume_results(model, names[:2], [images[0], np.zeros((32, 32, 3), np.uint8)],
+                                           [probs[1], np.zeros((32, 32), np.float32)], {}, 0.5)
+    assert summary["largest_3d_component"].startswith("skipped") and "skipped" in app.volume_markdown(summary)
+
+
 def test_examples_from_the_project_are_synthetic(serving, tmp_path):
     folder, source, synthetic = app.choose_examples(serving, None)
     assert folder == app.PROJECT_EXAMPLES_DIR and synthetic and "synthetic" in source

@@ -52,6 +52,21 @@ def test_evaluate_cli_loads_the_trained_model(trained_run):
     assert metrics["patient_dice_mean"] == pytest.approx(saved["patient_dice_mean"], abs=0.02)
 
 
+def test_evaluate_follows_the_models_3d_step_unless_told(trained_run, capsys):
+    from unet.evaluate import main as evaluate_main
+
+    config = json.loads((trained_run / "model" / "config.json").read_text())
+    results = {}
+    for choice in ("config", "on", "off"):
+        assert evaluate_main(["--data-dir", str(trained_run / "synthetic"), "--model", str(trained_run / "model"),
+                              "--split", "test", "--largest-3d-component", choice, "--json"]) == 0
+        results[choice] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["config"]["largest_3d_component"] is config["largest_3d_component"]
+    assert results["on"]["largest_3d_component"] is True and results["off"]["largest_3d_component"] is False
+    assert results["config"] == results["on" if config["largest_3d_component"] else "off"]
+    assert results["on"]["healthy_fp_rate"] <= results["off"]["healthy_fp_rate"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data-dir", "/no/such/folder"], "data folder not found: /no/such/folder"),
     (["--data-dir", "SYNTH", "--model", "./no/such/model"], "no/such/model"),
@@ -108,6 +123,25 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
                  str(tmp_path / "cv-0" / "model")])
     assert twice.returncode == 2 and "which another fold tests too" in twice.stderr
     assert len(twice.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stray_is_tumor", [False, True])
+def test_tuning_keeps_the_largest_3d_component_only_where_validation_gains(monkeypatch, stray_is_tumor):
+    # One validation patient: a tumor through slices 1-3 and a 324-px blob on slice 5, beyond every
+    # minimum area the per-slice tuning tries. As a false positive the blob makes the 3D step worth
+    # keeping; as a second lesion the 3D step would delete tumor, so it stays off.
+    probs = [np.zeros((64, 64), np.float32) for _ in range(6)]
+    for k in (1, 2, 3):
+        probs[k][10:30, 10:30] = 1.0
+    probs[5][40:58, 40:58] = 1.0
+    targets = [p > 0.5 for p in probs]
+    if not stray_is_tumor:
+        targets[5] = np.zeros((64, 64), bool)
+    val_df = pd.DataFrame({"patient": ["P"] * 6, "slice": [1, 2, 3, 4, 5, 6]})
+    monkeypatch.setattr(train, "predict_frame", lambda model, df, progress=True: (probs, targets))
+    chosen = train.tune_postprocessing(train.UNet(width=4, depth=1), val_df)
+    assert chosen["largest_3d_component"] is not stray_is_tumor
+    assert chosen["min_component_area"] <= 256 and not chosen["tta_flips"]
 
 
 def test_epoch_indices_are_replayable_and_tumor_weighted():

@@ -59,8 +59,9 @@ def card_data(metrics: dict) -> ModelCardData:
 
 
 def _metrics_table(metrics: dict) -> str:
-    splits = [(name, metrics.get(name) or {}) for name in ("test", "val")]
-    splits = [(name, m) for name, m in splits if m]
+    names = {"test": "test", "test_per_slice": "test, slice by slice", "val": "val"}
+    splits = [(label, metrics.get(name) or {}) for name, label in names.items()]
+    splits = [(label, m) for label, m in splits if m]
     if not splits:
         return "No evaluation was recorded with this model."
     lines = ["| metric | " + " | ".join(name for name, _ in splits) + " |",
@@ -98,7 +99,12 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
                     f"{config.get('upsampling', '?')} upsampling, {metrics.get('parameters', 0) / 1e6:.2f} M parameters"
                     if config else "U-Net")
     post = (f"threshold {config.get('threshold', 0.5)}, minimum component area {config.get('min_component_area', 0)} px, "
-            f"flip test-time augmentation {'on' if config.get('tta_flips') else 'off'}" if config else "see config.json")
+            f"flip test-time augmentation {'on' if config.get('tta_flips') else 'off'}, "
+            f"largest 3D component per patient {'on' if config.get('largest_3d_component') else 'off'}"
+            if config else "see config.json")
+    per_slice_note = (" The largest 3D component needs the patient's other slices, so \"test, slice by slice\" "
+                      "gives the masks a single uploaded slice gets." if metrics.get("test_per_slice") else "")
+    post_note = f"\n- Post-processing: {metrics['post_processing']}." if metrics.get("post_processing") else ""
     if "val" in (metrics.get("trained_on") or []):
         epochs_note = "the last one kept; trained on the training and validation patients, so nothing was selected on validation"
     else:
@@ -127,6 +133,8 @@ A U-Net that segments the FLAIR abnormality of lower-grade glioma in axial brain
   [0, 1] and {scaling}.
 - Output: one logit map; the mask is `sigmoid(logit) >= threshold`, then post-processing ({post});
   train.py chooses these on the validation patients (unless run with `--no-tune`) and stores them in `config.json`.
+  The largest 3D component needs a patient's neighbouring slices: `unet.evaluate` and the demo's volume tab apply it,
+  a single slice on its own gets the per-slice steps only.
 - Weights: `model.safetensors` only (no pickle).
 
 ## Use
@@ -151,13 +159,14 @@ masks (`*_mask.png`, 0/255) for the demo app.
 Patient Dice pools each patient's slices as one volume (the figure Buda et al. report);
 tumor-slice Dice averages the slices whose reference mask has tumor; slice Dice averages all
 slices (an empty prediction on an empty slice counts as 1); the healthy-slice false-positive
-rate is the share of tumor-free slices where any pixel is predicted.
+rate is the share of tumor-free slices where any pixel is predicted. The numbers use all of the
+post-processing in `config.json`.{per_slice_note}
 
 {_metrics_table(metrics)}
 
 ## Training
 
-- Command: `{metrics.get('command', '?')}`
+- Command: `{metrics.get('command', '?')}`{post_note}
 - Data: {metrics.get('data', '?')}
 - Epochs: {metrics.get('epochs_trained', '?')} ({epochs_note}),
   {float(metrics.get('train_hours') or 0):.2f} h on {metrics.get('machine', '?')}, precision {metrics.get('precision', '?')}.

@@ -2,7 +2,9 @@
 
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --model models/brain-mri-unet --split test --json
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --cv runs/cv-*/model     # pool k-fold runs
-    ... --largest-3d-component    # also cut each patient's masks to their largest 3D component
+    ... --largest-3d-component off    # per-slice masks only, exactly as the app's one-slice tab makes them
+
+Post-processing is the model's own (config.json), whole-volume steps included, unless overridden.
 """
 from __future__ import annotations
 
@@ -53,28 +55,36 @@ def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: f
     return pixel_counts(preds, np.stack(targets))
 
 
-def score(probs: list[np.ndarray], targets: list[np.ndarray], patients: list[str],
-          threshold: float, min_component_area: int) -> dict:
-    return summarize(mask_counts(probs, targets, threshold, min_component_area), patients)
-
-
-def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   progress: bool = True, largest_3d_component: bool = False) -> np.ndarray:
-    """Per-slice `pixel_counts` of the model's masks (its own threshold and post-processing) on ``df``."""
-    probs, targets = predict_frame(model, df, batch_size, precision, progress)
-    return mask_counts(probs, targets, model.threshold, model.min_component_area,
-                       df if largest_3d_component else None)
-
-
-def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   progress: bool = True, largest_3d_component: bool = False) -> dict:
-    """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
-    counts = predict_counts(model, df, batch_size, precision, progress, largest_3d_component)
+def score(probs: list[np.ndarray], targets: list[np.ndarray], df: pd.DataFrame, threshold: float,
+          min_component_area: int, largest_3d_component: bool = False) -> dict:
+    """`unet.metrics.summarize` of the masks one post-processing setting makes of ``probs`` (rows of ``df``)."""
+    counts = mask_counts(probs, targets, threshold, min_component_area, df if largest_3d_component else None)
     return summarize(counts, list(df["patient"]))
 
 
+def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
+                   progress: bool = True, largest_3d_component: bool | None = None) -> np.ndarray:
+    """Per-slice `pixel_counts` of the model's masks on ``df``, post-processed as its config says.
+
+    ``largest_3d_component`` overrides the config's whole-volume step (None: as the config says).
+    """
+    probs, targets = predict_frame(model, df, batch_size, precision, progress)
+    volume = model.largest_3d_component if largest_3d_component is None else largest_3d_component
+    return mask_counts(probs, targets, model.threshold, model.min_component_area, df if volume else None)
+
+
+def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
+                   progress: bool = True, largest_3d_component: bool | None = None) -> dict:
+    """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
+    counts = predict_counts(model, df, batch_size, precision, progress, largest_3d_component)
+    metrics = summarize(counts, list(df["patient"]))
+    metrics["largest_3d_component"] = (model.largest_3d_component if largest_3d_component is None
+                                       else largest_3d_component)
+    return metrics
+
+
 def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   largest_3d_component: bool = False) -> dict:
+                   largest_3d_component: bool | None = None) -> dict:
     """Cross-validation: each fold's model on its own test patients, pooled into one set of metrics.
 
     The slices' pixel counts are pooled before summarising, so every metric is exactly what one
@@ -90,13 +100,16 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
             raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
         tested |= set(test)
         tests.append(select_patients(df, "all", 0, 0, 0, patients=test))
-    counts, patients = [], []
+    counts, patients, volume = [], [], set()
     for model_dir, part in zip(model_dirs, tests):
         model = prepare_for_inference(load_model(model_dir))
         counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component))
         patients += list(part["patient"])
+        volume.add(model.largest_3d_component if largest_3d_component is None else largest_3d_component)
     log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
-    return summarize(np.concatenate(counts), patients)
+    metrics = summarize(np.concatenate(counts), patients)
+    metrics["largest_3d_component"] = volume.pop() if len(volume) == 1 else "per fold config"
+    return metrics
 
 
 def select_patients(df: pd.DataFrame, split: str, seed: int, val_fraction: float, test_fraction: float,
@@ -116,6 +129,7 @@ def format_table(metrics: dict) -> str:
             "slice_dice_mean", "slice_iou_mean", "healthy_fp_rate"]
     lines = [f"{k:<24}{metrics[k]:.4f}" for k in keys]
     lines.append(f"{'worst_patient':<24}{metrics['worst_patient']}")
+    lines.append(f"{'largest_3d_component':<24}{metrics.get('largest_3d_component', False)}")
     lines.append(f"{'patients / slices':<24}{metrics['patients']} / {metrics['slices']} ({metrics['tumor_slices']} with tumor)")
     return "\n".join(lines)
 
@@ -140,26 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 where the CPU or GPU supports it, else fp32")
-    parser.add_argument("--largest-3d-component", action="store_true",
-                        help="keep only each patient's largest 3D connected component: whole-volume post-processing "
-                             "as in the reference code of Buda et al., which the single-slice app cannot apply")
+    parser.add_argument("--largest-3d-component", choices=["config", "on", "off"], default="config",
+                        help="keep only each patient's largest 3D connected component (whole-volume post-processing, "
+                             "as in Buda et al.'s reference code): as the model's config.json says (default), or "
+                             "force it on or off; off gives exactly the masks of the app's one-slice tab")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
     args = parser.parse_args(argv)
+    volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.cv:
-            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision,
-                                     args.largest_3d_component)
+            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision, volume)
         else:
             model = prepare_for_inference(load_model(args.model, revision=args.revision))
             df = select_patients(scan_dataset(args.data_dir), args.split, args.seed, args.val_fraction,
                                  args.test_fraction, args.patients, args.folds, args.fold)
-            metrics = evaluate_model(model, df, args.batch_size, args.precision,
-                                     largest_3d_component=args.largest_3d_component)
+            metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume)
     except (DatasetError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    metrics["largest_3d_component"] = args.largest_3d_component
     print(format_table(metrics))
     if args.json:
         print(json.dumps(metrics))

@@ -67,6 +67,7 @@ class UNet(
         threshold: float = 0.5,
         min_component_area: int = 0,
         tta_flips: bool = False,
+        largest_3d_component: bool = False,
     ) -> None:
         super().__init__()
         if upsampling not in ("bilinear", "transpose"):
@@ -85,6 +86,9 @@ class UNet(
         self.threshold = float(threshold)
         self.min_component_area = int(min_component_area)
         self.tta_flips = bool(tta_flips)
+        # Whole-volume post-processing: applied wherever a patient's slices are segmented together
+        # (unet.evaluate, the app's volume tab); one slice on its own has no neighbours to compare.
+        self.largest_3d_component = bool(largest_3d_component)
 
         channels = [width * 2**i for i in range(depth + 1)]
         self.encoders = nn.ModuleList()
@@ -109,7 +113,7 @@ class UNet(
     def config(self) -> dict:
         """The constructor arguments as they stand now, including tuned post-processing."""
         keys = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
-                "normalization", "threshold", "min_component_area", "tta_flips")
+                "normalization", "threshold", "min_component_area", "tta_flips", "largest_3d_component")
         return {k: list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k) for k in keys}
 
     def _save_pretrained(self, save_directory: Path) -> None:

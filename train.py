@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
-from unet.data import DatasetError, LGGDataset, scan_dataset, seed_augmentation, split_patients, train_transforms
+from unet.data import DatasetError, LGGDataset, scan_dataset, split_patients, train_transforms
 from unet.evaluate import evaluate_model, predict_frame, score
 from unet.inference import autocast_for, cpu_supports_bf16
 from unet.losses import BCEDiceLoss
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: %(default)s)")
     opt.add_argument("--weight-decay", type=float, default=1e-4)
     opt.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay (default: %(default)s)")
+    opt.add_argument("--ema", type=float, default=0.0,
+                     help="validate, keep and ship an exponential moving average of the weights with this decay per "
+                          "step, e.g. 0.999; 0 turns it off (default: %(default)s)")
     opt.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation Dice")
     opt.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="auto: bf16 autocast on CUDA or a CPU with bf16 units, else fp32")
@@ -125,12 +128,6 @@ def training_command(args: argparse.Namespace) -> str:
         if not isinstance(value, bool):
             words.append(shlex.quote(str(value)))
     return " ".join(words)
-
-
-def seed_worker_augmentation(worker_id: int) -> None:
-    """DataLoader workers start with copies of one augmentation generator: give each its own seed."""
-    info = torch.utils.data.get_worker_info()
-    seed_augmentation(info.dataset.transform, info.seed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -331,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
              args.width, args.depth, args.upsampling, args.image_size, count_parameters(model) / 1e6, device,
              precision, steps_per_epoch)
 
+    # The average is what gets validated, kept and shipped; the raw weights only train.
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
+                                               use_buffers=True) if args.ema else None)
     if state:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -345,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         state.setdefault("machines", []).append({"machine": machine, "from_epoch": state["epoch"] + 1})
 
     def checkpoint() -> None:
-        state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
+        state.update(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                     optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), args=vars(args))
         save_atomic(state, checkpoint_path)
 
@@ -354,14 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         epoch = state["epoch"]
         indices = epoch_indices(has_tumor, args.tumor_fraction, steps_per_epoch * args.batch_size, args.seed, epoch)
         skip = state["step_in_epoch"] * args.batch_size
-        # Augmentation draws from albumentations' own generator, which no global seed reaches: seed it per
-        # epoch (and resume point), and each worker from the loader's seeded generator.
-        augmentation_seed = (args.seed * 100_003 + epoch) * 100_003 + state["step_in_epoch"]
-        seed_augmentation(train_set.transform, augmentation_seed)
-        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=indices[skip:], drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                            worker_init_fn=seed_worker_augmentation,
-                            generator=torch.Generator().manual_seed(augmentation_seed))
+        # Augmentation draws from albumentations' own generator, which no global seed reaches: each sample
+        # carries its seed (run seed, epoch, position), so neither the worker count nor a resume changes it.
+        samples = [(indices[i], (args.seed, epoch, i)) for i in range(skip, len(indices))]
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=samples, drop_last=True,
+                            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
         model.train()
         started = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=state["step_in_epoch"],
@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         for images, masks in bar:
             state["loss_sum"] += train_step(model, images, masks, loss_fn, optimizer, scaler, precision)
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             state["step_in_epoch"] += 1
             bar.set_postfix(loss=f"{state['loss_sum'] / state['step_in_epoch']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if state["step_in_epoch"] % args.checkpoint_every == 0 and state["step_in_epoch"] < steps_per_epoch:
@@ -378,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         state["train_seconds"] += time.time() - started
 
-        model.eval()
+        kept = ema.module if ema is not None else model
+        kept.eval()
         nan = float("nan")
         val = ({"patient_dice_mean": nan, "tumor_slice_dice_mean": nan, "slice_dice_mean": nan, "healthy_fp_rate": nan}
-               if args.train_on_val else evaluate_model(model, frames["val"], progress=False))
+               if args.train_on_val else evaluate_model(kept, frames["val"], progress=False))
         row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["step_in_epoch"], 1),
                "lr": scheduler.get_last_lr()[0], "val_patient_dice": val["patient_dice_mean"],
                "val_tumor_slice_dice": val["tumor_slice_dice_mean"], "val_slice_dice": val["slice_dice_mean"],
@@ -390,13 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_on_val:  # nothing to select on: the last epoch is the model
             log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])
             state.update(best_epoch=epoch + 1)
-            model.save_pretrained(out_dir / "best")
+            kept.save_pretrained(out_dir / "best")
         else:
             log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f", row["epoch"],
                      row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
             if val["patient_dice_mean"] > state["best_score"]:
                 state.update(best_score=val["patient_dice_mean"], best_epoch=epoch + 1, bad_epochs=0)
-                model.save_pretrained(out_dir / "best")
+                kept.save_pretrained(out_dir / "best")
             else:
                 state["bad_epochs"] += 1
         history = pd.DataFrame(state["history"])

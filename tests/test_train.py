@@ -218,39 +218,48 @@ def test_a_run_resumed_on_another_machine_names_both():
     assert train.machines_text(machines[1:], 60) == "an unrecorded machine (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_same_seed_same_run(tmp_path, workers):
-    """Augmentation included: two runs with one seed train the same weights, a third seed does not."""
-    def weights(name: str, seed: int) -> dict:
+def test_same_seed_same_run_with_any_number_of_workers(tmp_path):
+    """Augmentation included: one seed trains the same weights with 0 or 2 DataLoader workers, another does not."""
+    def weights(name: str, seed: int, workers: int) -> dict:
         out = tmp_path / name
         assert train.main(["--synthetic", "--epochs", "1", "--steps-per-epoch", "4", "--batch-size", "4", "--image-size", "64",
                            "--width", "8", "--no-tune", "--seed", str(seed), "--workers", str(workers),
                            "--out-dir", str(out)]) == 0
         return torch.load(out / "last.pt", weights_only=False)["model"]
-    first, again, other = weights("a", 1), weights("b", 1), weights("c", 2)
+    first, again, other = weights("a", 1, 0), weights("b", 1, 2), weights("c", 2, 0)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_each_dataloader_worker_augments_with_its_own_stream():
-    class Augmented(torch.utils.data.Dataset):
-        transform = train.train_transforms(64, 0.2)
-        image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+def test_weight_average_is_what_gets_kept_and_it_resumes_exactly(tmp_path, monkeypatch):
+    """--ema: the averaged weights are validated and kept, and a run stopped mid-epoch resumes to the same average."""
+    def args(name: str) -> list[str]:
+        return ["--synthetic", "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "4", "--image-size", "64",
+                "--width", "8", "--no-tune", "--ema", "0.7", "--checkpoint-every", "2", "--out-dir", str(tmp_path / name)]
 
-        def __len__(self):
-            return 1
+    assert train.main(args("whole")) == 0
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    assert int(whole["ema"]["n_averaged"]) == 8
+    averaged = {k.removeprefix("module."): v for k, v in whole["ema"].items() if k != "n_averaged"}
+    assert not all(torch.equal(averaged[k], whole["model"][k]) for k in whole["model"])
+    if whole["best_epoch"] == 2:  # the kept model is the average at its epoch, not the raw weights
+        kept = load_model(str(tmp_path / "whole" / "best")).state_dict()
+        assert all(torch.equal(kept[k], averaged[k]) for k in kept)
 
-        def __getitem__(self, index):
-            return torch.from_numpy(self.transform(image=self.image)["image"])
+    class Stop(Exception):
+        pass
 
-    def batches(**kwargs):
-        loader = torch.utils.data.DataLoader(Augmented(), batch_size=1, sampler=[0] * 8, num_workers=2,
-                                             generator=torch.Generator().manual_seed(0), **kwargs)
-        return [batch[0] for batch in loader]  # workers take turns: 0, 1, 0, 1, ...
-
-    def same_streams(out):
-        return all(torch.equal(a, b) for a, b in zip(out[0::2], out[1::2]))
-    assert same_streams(batches())  # what the workers' copies of one seeded pipeline do on their own
-    assert not same_streams(batches(worker_init_fn=train.seed_worker_augmentation))
-    assert all(torch.equal(a, b) for a, b in zip(batches(worker_init_fn=train.seed_worker_augmentation),
-                                                 batches(worker_init_fn=train.seed_worker_augmentation)))
+    real_step, calls = train.train_step, []
+    def stopping_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint at step 2 of epoch 1
+            raise Stop
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", stopping_step)
+    with pytest.raises(Stop):
+        train.main(args("stopped"))
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert train.main(args("stopped") + ["--resume"]) == 0
+    resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
+    assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
+    assert all(torch.equal(resumed["ema"][k], whole["ema"][k]) for k in whole["ema"])

@@ -207,13 +207,14 @@ def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: 
     )
 
 
-def seed_augmentation(transform: A.Compose, seed: int) -> None:
+def seed_augmentation(transform: A.Compose, seed: int | tuple[int, ...]) -> None:
     """Seed a pipeline with one generator that all its transforms draw from in turn.
 
     albumentations ignores global seeds, and its ``set_random_seed`` hands every transform its
     own generator of the same seed, so their draws repeat one another (a flip with every affine).
     """
-    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    generator = np.random.default_rng(seed)
+    transform.set_random_state(generator, random.Random(int(generator.integers(2**63))))
 
 
 def eval_transforms(image_size: int = 256) -> A.Compose:
@@ -244,7 +245,12 @@ class LGGDataset(Dataset):
     def __len__(self) -> int:
         return len(self.df)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``item``: a row, or (row, augmentation seed). A seeded item is augmented the same way in any
+        DataLoader worker and at any point of a run, so training replays exactly, resumed or not."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            seed_augmentation(self.transform, seed)
         out = self.transform(image=self.images[index], mask=self.masks[index])
         mask = torch.from_numpy((out["mask"] > 0).astype(np.float32))[None]
         return normalize(out["image"], self.mean, self.std, self.normalization), mask

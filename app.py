@@ -660,7 +660,10 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         with gr.Tab("Volume (several slices)"):
             gr.Markdown("Upload all slices of one patient, as several files or one zip, taken in the order of the "
                         "numbers in their names. Files named "
-                        "`<slice>_mask.png` (or `.tif`) are taken as reference masks and scored with Dice.")
+                        "`<slice>_mask.png` (or `.tif`) are taken as reference masks and scored with Dice."
+                        + (" As the model's config asks, only the largest 3D tumor component across the slices is "
+                           "kept, a step a single slice cannot take." if model.largest_3d_component else ""),
+                        elem_id="volume-help")
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
                     volume_upload = gr.File(label="Slices of one patient (images or a .zip)", file_count="multiple",

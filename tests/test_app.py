@@ -256,6 +256,16 @@ def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):
     assert summary["largest_3d_component"].startswith("skipped") and "skipped" in app.volume_markdown(summary)
 
 
+def test_volume_tab_says_when_the_model_keeps_the_largest_3d_component(serving, monkeypatch):
+    def help_text() -> str:
+        demo = app.build_demo(serving)
+        return next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "volume-help")
+    monkeypatch.setattr(serving.model, "largest_3d_component", False)
+    assert "3D" not in help_text()
+    monkeypatch.setattr(serving.model, "largest_3d_component", True)
+    assert "only the largest 3D tumor component" in help_text()
+
+
 def test_examples_from_the_project_are_synthetic(serving, tmp_path):
     folder, source, synthetic = app.choose_examples(serving, None)
     assert folder == app.PROJECT_EXAMPLES_DIR and synthetic and "synthetic" in source

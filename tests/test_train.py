@@ -231,6 +231,18 @@ def test_same_seed_same_run_with_any_number_of_workers(tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+def test_weight_average_warms_up_so_the_initialisation_fades_fast():
+    update = train.ema_update(0.999)
+    averaged, counter = [torch.zeros(3)], [torch.tensor(5)]
+    update(averaged, [torch.ones(3)], torch.tensor(1))  # decay 2/11: the average mostly follows the weights
+    assert torch.allclose(averaged[0], torch.full((3,), 9 / 11))
+    for n in range(2, 1100):
+        update(averaged, [torch.ones(3)], torch.tensor(n))
+    assert float(averaged[0][0]) > 0.999  # a constant decay of 0.999 would leave a third of the start
+    update(counter, [torch.tensor(9)], torch.tensor(3))
+    assert int(counter[0]) == 9
+
+
 def test_weight_average_is_what_gets_kept_and_it_resumes_exactly(tmp_path, monkeypatch):
     """--ema: the averaged weights are validated and kept, and a run stopped mid-epoch resumes to the same average."""
     def args(name: str) -> list[str]:

@@ -81,3 +81,22 @@ def test_readme_states_the_shipped_numbers():
     for split in ("test", "test_per_slice", "val"):
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
             assert re.search(rf"\b{metrics[split][key]:.3f}\b", section), (split, key)
+
+
+@pytest.mark.real_data
+def test_volume_tab_makes_the_masks_that_evaluate_scores(real_data_dir):
+    import app
+    from unet.evaluate import predict_counts
+    from unet.metrics import dice
+
+    patient = "TCGA_CS_6665_20010817"  # a test patient with false-positive blobs outside its tumor
+    df = select_patients(scan_dataset(real_data_dir), "all", 0, 0, 0, patients=[patient])
+    model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
+    names, slices, references = app.read_volume(list(df["image_path"]) + list(df["mask_path"]))
+    probs = [app.predict(model, s.image) for s in slices]
+    _, masks, summary = app.volume_results(model, names, [s.image for s in slices], probs, references, model.threshold)
+    counts = predict_counts(model, df, progress=False)  # the config's post-processing, 3D step included
+    assert summary["largest_3d_component"] == "on" and summary["pixels_outside_largest_3d_component"] > 0
+    # one image at a time (app) and batches of 16 (evaluate) may round differently in bf16
+    assert summary["tumor_pixels"] == pytest.approx(int(counts[:, 1].sum()), rel=0.01)
+    assert summary["dice"] == pytest.approx(float(dice(*counts.sum(axis=0))), abs=0.005)

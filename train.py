@@ -440,9 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in tune_postprocessing(model, frames["val"], args.tta).items():
             setattr(model, key, value)
     val = {} if args.train_on_val else evaluate_model(model, frames["val"], progress=False)
-    test = evaluate_model(model, frames["test"]) if len(frames["test"]) else {}
-    test_per_slice = (evaluate_model(model, frames["test"], progress=False, largest_3d_component=False)
-                      if test and model.largest_3d_component else {})
+    test, test_per_slice = {}, {}
+    if len(frames["test"]):
+        probs, targets = predict_frame(model, frames["test"])  # once, for both post-processings
+        post = (probs, targets, frames["test"], model.threshold, model.min_component_area)
+        test = score(*post, model.largest_3d_component)
+        if model.largest_3d_component:  # beside it, the masks a single uploaded slice gets
+            test_per_slice = score(*post, False)
     metrics = {
         "test": test,
         "test_per_slice": test_per_slice,

@@ -59,7 +59,12 @@ def score(probs: list[np.ndarray], targets: list[np.ndarray], df: pd.DataFrame, 
           min_component_area: int, largest_3d_component: bool = False) -> dict:
     """`unet.metrics.summarize` of the masks one post-processing setting makes of ``probs`` (rows of ``df``)."""
     counts = mask_counts(probs, targets, threshold, min_component_area, df if largest_3d_component else None)
-    return summarize(counts, list(df["patient"]))
+    return summarize(counts, list(df["patient"])) | {"largest_3d_component": largest_3d_component}
+
+
+def volume_step(model: UNet, largest_3d_component: bool | None) -> bool:
+    """Whether to keep the largest 3D component: as given, or as the model's config says (None)."""
+    return model.largest_3d_component if largest_3d_component is None else largest_3d_component
 
 
 def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
@@ -69,18 +74,16 @@ def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precisio
     ``largest_3d_component`` overrides the config's whole-volume step (None: as the config says).
     """
     probs, targets = predict_frame(model, df, batch_size, precision, progress)
-    volume = model.largest_3d_component if largest_3d_component is None else largest_3d_component
+    volume = volume_step(model, largest_3d_component)
     return mask_counts(probs, targets, model.threshold, model.min_component_area, df if volume else None)
 
 
 def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
                    progress: bool = True, largest_3d_component: bool | None = None) -> dict:
     """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
-    counts = predict_counts(model, df, batch_size, precision, progress, largest_3d_component)
-    metrics = summarize(counts, list(df["patient"]))
-    metrics["largest_3d_component"] = (model.largest_3d_component if largest_3d_component is None
-                                       else largest_3d_component)
-    return metrics
+    probs, targets = predict_frame(model, df, batch_size, precision, progress)
+    return score(probs, targets, df, model.threshold, model.min_component_area,
+                 volume_step(model, largest_3d_component))
 
 
 def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
@@ -105,7 +108,7 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
         model = prepare_for_inference(load_model(model_dir))
         counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component))
         patients += list(part["patient"])
-        volume.add(model.largest_3d_component if largest_3d_component is None else largest_3d_component)
+        volume.add(volume_step(model, largest_3d_component))
     log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
     metrics = summarize(np.concatenate(counts), patients)
     metrics["largest_3d_component"] = volume.pop() if len(volume) == 1 else "per fold config"

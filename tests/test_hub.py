@@ -312,6 +312,16 @@ def test_card_of_real_data_names_the_dataset_and_skips_missing_metrics():
     assert [r.metric_name for r in data.eval_results] == ["Mean patient Dice"]
 
 
+def test_card_explains_the_volume_step_only_when_the_config_has_it():
+    from unet.card import model_card_text
+
+    metrics = {"data": "../shared/data/lgg_subset", "test": {"patient_dice_mean": 0.81}}
+    on = model_card_text(metrics, {"threshold": 0.6, "largest_3d_component": True})
+    off = model_card_text(metrics, {"threshold": 0.6, "largest_3d_component": False})
+    assert "largest 3D component per patient on" in on and "demo's volume tab apply it" in on
+    assert "largest 3D component per patient off" in off and "volume tab" not in off
+
+
 def test_examples_are_tumor_and_healthy_slices_of_different_patients(synthetic_dir):
     from unet.data import scan_dataset
 

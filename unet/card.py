@@ -104,6 +104,9 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
             if config else "see config.json")
     per_slice_note = (" The largest 3D component needs the patient's other slices, so \"test, slice by slice\" "
                       "gives the masks a single uploaded slice gets." if metrics.get("test_per_slice") else "")
+    volume_note = ("\n  The largest 3D component needs a patient's neighbouring slices: `unet.evaluate` and the demo's volume tab apply it,"
+                   "\n  a single slice on its own gets the per-slice steps only."
+                   if config.get("largest_3d_component") else "")
     post_note = f"\n- Post-processing: {metrics['post_processing']}." if metrics.get("post_processing") else ""
     if "val" in (metrics.get("trained_on") or []):
         epochs_note = "the last one kept; trained on the training and validation patients, so nothing was selected on validation"
@@ -132,9 +135,7 @@ A U-Net that segments the FLAIR abnormality of lower-grade glioma in axial brain
 - Input channels in file order ({config.get('channel_order', 'RGB')}): pre-contrast, FLAIR, post-contrast, scaled to
   [0, 1] and {scaling}.
 - Output: one logit map; the mask is `sigmoid(logit) >= threshold`, then post-processing ({post});
-  train.py chooses these on the validation patients (unless run with `--no-tune`) and stores them in `config.json`.
-  The largest 3D component needs a patient's neighbouring slices: `unet.evaluate` and the demo's volume tab apply it,
-  a single slice on its own gets the per-slice steps only.
+  train.py chooses these on the validation patients (unless run with `--no-tune`) and stores them in `config.json`.{volume_note}
 - Weights: `model.safetensors` only (no pickle).
 
 ## Use

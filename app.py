@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unet.data import binary_mask, find_kaggle_3m, scan_dataset
+from unet.evaluate import recorded_metrics
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
 from unet.inference import (keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference,
                             to_rgb_uint8)
@@ -45,6 +48,7 @@ log = logging.getLogger("app")
 ROOT = Path(__file__).resolve().parent
 PROJECT_EXAMPLES_DIR = ROOT / "examples"  # synthetic slices written by examples/make_examples.py
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"RIFF", b"GIF8")
 MAX_FILE_MB = 50  # per upload, enforced by the server (launch max_file_size) and by load_slice
 MAX_SIDE = 4096  # pixels per side; larger images are refused before they are decoded
 MAX_VOLUME_SLICES = 200
@@ -85,7 +89,8 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: the file is empty")
     notes = []
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # Pillow's warnings (e.g. "Corrupt EXIF data") are dropped: the one-line error below says what matters.
+        with warnings.catch_warnings(action="ignore", category=UserWarning), Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE:
                 raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
@@ -116,6 +121,8 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
     except Image.DecompressionBombError:
         raise InputError(f"{name}: the image is too large to decode safely") from None
     except UnidentifiedImageError:
+        if data.startswith(IMAGE_SIGNATURES):  # the start of an image file whose rest is missing or damaged
+            raise InputError(f"{name}: the image is corrupt or truncated") from None
         raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{name}: the image is corrupt or truncated ({str(error).splitlines()[0]})") from None
@@ -145,17 +152,11 @@ def load_slice(path: str | Path) -> Slice:
     return decode_image(read_upload(path), Path(path).name)
 
 
-def mask_from_image(image: np.ndarray) -> np.ndarray:
-    """A reference mask image (0/255 or 0/1, gray or colour) -> HxW bool."""
-    gray = image.max(axis=2) if image.ndim == 3 else image
-    return gray > (127 if gray.max() > 1 else 0)
-
-
 def load_mask(data: bytes, name: str) -> np.ndarray:
     """Reference mask file bytes -> HxW bool; InputError (one line) if it is not a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return mask_from_image(np.asarray(im.convert("L")))
+            return binary_mask(np.asarray(im.convert("L")))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise InputError(f"{name}: the mask is not a readable image") from None
 
@@ -169,10 +170,9 @@ def predict(model: UNet, image: np.ndarray) -> np.ndarray:
 
 
 def threshold_mask(model: UNet, prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Probability -> mask with the model's post-processing; the minimum component area
-    (set for the model's input size) is scaled to the image's own size."""
-    scale = prob.size / float(model.image_size**2)
-    return postprocess(prob, threshold, int(round(model.min_component_area * scale)))
+    """Probability -> mask with the model's per-slice post-processing, exactly as `unet.evaluate` and
+    the tuning in train.py make it (the minimum component area counts pixels of the image as given)."""
+    return postprocess(prob, threshold, model.min_component_area)
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
@@ -269,10 +269,15 @@ def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = Fal
 # ---------------------------------------------------------------------------------------------
 # Volumes: several slices of one patient, or a zip of them
 
+def shared_prefix(names: list[str]) -> str:
+    """The start all names share, never cut inside a number: slices 10-19 of P share 'P_', not 'P_1'."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    return prefix[:len(prefix.rstrip("0123456789"))]
+
+
 def short_labels(names: list[str]) -> list[str]:
     """Slice names without their shared prefix: 'TCGA_CS_4941_19960909_12' -> '12'."""
-    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
-    prefix = prefix[:len(prefix.rstrip("0123456789"))]  # never cut into a number
+    prefix = shared_prefix(names)
     return [n[len(prefix):] or n for n in names]
 
 
@@ -404,16 +409,21 @@ class Example:
     synthetic: bool
 
 
-def find_examples(folder: Path, limit: int = 6) -> list[tuple[Path, Path | None, str]]:
+def find_examples(folder: Path, limit: int = 6, held_out: list[str] | None = None) -> list[tuple[Path, Path | None, str]]:
     """(image, reference mask or None, 'tumor'|'healthy'|'') from a folder of images or a kaggle_3m folder.
 
-    From a kaggle_3m folder: the largest tumors and the most central tumor-free slices, one per patient.
+    From a kaggle_3m folder: the largest tumors and the most central tumor-free slices, one per patient,
+    taken from the ``held_out`` patients (the model's test split) where the folder has them, so the
+    Dice shown on an example is not that of a slice the model learned.
     """
-    from unet.data import find_kaggle_3m, scan_dataset
-
     root = find_kaggle_3m(folder)
     if any(root.glob("*/*_mask.tif")):
         df = scan_dataset(root, check_images=False)
+        if held_out and df["patient"].isin(held_out).any():
+            df = df[df["patient"].isin(held_out)].copy()
+            log.info("examples from the model's held-out test patients in %s", root)
+        else:
+            log.warning("none of the model's test patients are in %s: examples may be slices it trained on", root)
         df["middle"] = (df["slice"] - df.groupby("patient")["slice"].transform("median")).abs()
         tumor = df[df["has_tumor"]].sort_values("tumor_pixels", ascending=False).drop_duplicates("patient").head(limit // 2)
         healthy = df[~df["has_tumor"]].sort_values(["middle", "patient"]).drop_duplicates("patient").head(limit // 2)
@@ -431,11 +441,11 @@ def find_examples(folder: Path, limit: int = 6) -> list[tuple[Path, Path | None,
     return sorted(picked, key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2))
 
 
-def prepare_examples(folder: Path, out_dir: Path, synthetic: bool) -> list[Example]:
+def prepare_examples(folder: Path, out_dir: Path, synthetic: bool, held_out: list[str] | None = None) -> list[Example]:
     """Decode each example (TIFF included) once and write PNG copies the browser can show."""
     out_dir.mkdir(parents=True, exist_ok=True)
     examples, counts = [], {}
-    for i, (path, mask_path, kind) in enumerate(find_examples(folder)):
+    for i, (path, mask_path, kind) in enumerate(find_examples(folder, held_out=held_out)):
         try:
             sl = load_slice(path)
             mask = load_mask(read_upload(mask_path), mask_path.name) if mask_path else None
@@ -498,7 +508,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     work = Path(tempfile.mkdtemp(prefix="brain-mri-app-"))
     atexit.register(shutil.rmtree, work, True)
     folder, source, synthetic = choose_examples(serving, examples_dir)
-    examples = prepare_examples(folder, work / "examples", synthetic)
+    held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
+    examples = prepare_examples(folder, work / "examples", synthetic, held_out)
     if not examples and folder != PROJECT_EXAMPLES_DIR:
         log.warning("no usable examples in %s; using the project's synthetic examples", folder)
         folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
@@ -557,7 +568,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
 
     def on_example(threshold: float, evt: gr.SelectData) -> tuple:
         example = examples[evt.index]
-        reference = mask_from_image(np.asarray(Image.open(example.mask))) if example.mask else None
+        reference = binary_mask(np.asarray(Image.open(example.mask))) if example.mask else None
         return run_single(load_slice(example.image), example.image.stem, threshold, reference, example.synthetic)
 
     def on_threshold(state: dict | None, threshold: float) -> tuple:
@@ -595,7 +606,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
 
         labels = short_labels(state["names"])
         plot = pd.DataFrame({"slice": labels, "tumor pixels": [int(m.sum()) for m in masks]})
-        patient = os.path.commonprefix(state["names"]).rstrip("_- ") or "volume"
+        patient = shared_prefix(state["names"]).rstrip("_- ") or "volume"
         return gallery, volume_markdown(summary), gr.BarPlot(plot, sort=labels), write_file(f"{patient}_masks.zip", write_zip)
 
     def on_volume_threshold(state: dict | None, threshold: float) -> tuple:

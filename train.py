@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
-from unet.data import DatasetError, LGGDataset, scan_dataset, split_patients, train_transforms
+from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
 from unet.evaluate import evaluate_model, predict_frame, score
-from unet.inference import autocast_for, cpu_supports_bf16
+from unet.inference import autocast_dtype, autocast_for, pick_device
 from unet.losses import BCEDiceLoss
 from unet.model import UNet, count_parameters
 from unet.synthetic import make_synthetic_dataset
@@ -71,26 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
     model.add_argument("--depth", type=int, default=4, help="number of poolings (default: %(default)s)")
-    model.add_argument("--upsampling", choices=["bilinear", "transpose"], default="transpose")
+    model.add_argument("--upsampling", choices=["bilinear", "transpose"], default="transpose",
+                       help="transposed convolutions, or bilinear as in the classic U-Net (default: %(default)s)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=60, help="(default: %(default)s)")
     opt.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
     opt.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's (default: %(default)s)")
     opt.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay (default: %(default)s)")
     opt.add_argument("--ema", type=float, default=0.0,
                      help="validate, keep and ship an exponential moving average of the weights with this decay per "
                           "step, e.g. 0.999; 0 turns it off (default: %(default)s)")
-    opt.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation Dice")
+    opt.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation Dice (default: %(default)s)")
     opt.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                     help="auto: bf16 autocast on CUDA or a CPU with bf16 units, else fp32")
+                     help="auto: bf16 autocast on CUDA (fp16 before Ampere) or a CPU with bf16 units, else fp32 "
+                          "(default: %(default)s)")
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="runs/unet", help="run folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
-    run.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every N steps within an epoch")
-    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling and initialisation")
+    run.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every N steps within an epoch (default: %(default)s)")
+    run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling, initialisation and augmentation (default: %(default)s)")
     run.add_argument("--no-tune", action="store_true",
                      help="use --threshold, --min-component-area and --largest-3d-component instead of choosing them "
                           "on validation")
@@ -128,16 +130,6 @@ def training_command(args: argparse.Namespace) -> str:
         if not isinstance(value, bool):
             words.append(shlex.quote(str(value)))
     return " ".join(words)
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -221,7 +213,7 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = False) -> dict:
+def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = False, precision: str = "auto") -> dict:
     """Pick the post-processing by validation patient Dice: threshold, minimum component area (and flip
     TTA) for single slices first, since that is all the app's one-slice tab sees; then whether keeping
     each patient's largest 3D component on top of them helps whole volumes.
@@ -231,7 +223,7 @@ def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = 
     best = None
     for tta in (False, True) if consider_tta else (False,):
         model.tta_flips = tta
-        probs, targets = predict_frame(model, val_df, progress=False)
+        probs, targets = predict_frame(model, val_df, precision=precision, progress=False)
         for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
             for min_area in (0, 16, 32, 64, 128, 256):
                 m = score(probs, targets, val_df, threshold, min_area)
@@ -283,13 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved = state["args"]
-        data_dir_given = args.data_dir  # the data may sit elsewhere on this machine; the split is by patient id
         # The data, split and model of a run are fixed by its first start; the length may change.
+        defaults = build_parser()
         for key in vars(args):
             if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
-                           "private", "revision"):
-                setattr(args, key, saved.get(key, getattr(args, key)))  # runs older than a flag lack it
-        args.data_dir = data_dir_given or args.data_dir
+                           "private", "revision", "data_dir", "out_dir"):
+                value = saved.get(key, getattr(args, key))  # runs older than a flag lack it
+                if getattr(args, key) not in (value, defaults.get_default(key)):
+                    log.warning("--resume keeps the run's --%s %s; the %s given is ignored", key.replace("_", "-"),
+                                value, getattr(args, key))
+                setattr(args, key, value)
+        args.data_dir = args.data_dir or saved.get("data_dir")  # the data may sit elsewhere now; the split is by patient id
         log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
 
     args.data_dir = args.data_dir or str(DEFAULT_DATA_DIR)
@@ -326,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("--train-on-val: training on %d slices of %d patients; no validation, the last epoch is kept",
                  len(frames["train"]), frames["train"]["patient"].nunique())
 
+    stats = {}
+    if args.normalization == "dataset":  # the statistics of exactly the slices this run learns from
+        stats = dict(zip(("mean", "std"), channel_stats(frames["train"])))
+        log.info("training-set channel statistics: mean %s, std %s", stats["mean"], stats["std"])
     model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
-                 normalization=args.normalization)
+                 normalization=args.normalization, **stats)
     model.to(device).to(memory_format=torch.channels_last)
     train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p), model.mean, model.std,
                            model.normalization)
@@ -337,12 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, int(args.warmup_epochs * steps_per_epoch), total_steps))
     loss_fn = BCEDiceLoss()
-    precision = args.precision
-    if precision == "auto":
-        bf16 = cpu_supports_bf16() if device.type == "cpu" else device.type == "cuda"
-        precision = "bf16" if bf16 else "fp32"
-    # fp16 autocast (CUDA without bf16) needs loss scaling; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported() and precision != "fp32")
+    dtype = autocast_dtype(device, args.precision)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    # fp16 autocast (a GPU without bf16) needs loss scaling; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     log.info("model: width %d, depth %d, %s upsampling, %d px, %.2f M parameters; device %s, precision %s, %d steps/epoch",
              args.width, args.depth, args.upsampling, args.image_size, count_parameters(model) / 1e6, device,
              precision, steps_per_epoch)
@@ -356,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved by a run without loss scaling (bf16, fp32)
+            scaler.load_state_dict(state["scaler"])
     else:
         state = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "best_score": -1.0, "best_epoch": 0,
                  "bad_epochs": 0, "history": [], "train_seconds": 0.0, "splits": splits, "args": vars(args)}
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", initial=state["step_in_epoch"],
                    total=steps_per_epoch, mininterval=10, file=sys.stderr)
         for images, masks in bar:
-            state["loss_sum"] += train_step(model, images, masks, loss_fn, optimizer, scaler, precision)
+            state["loss_sum"] += train_step(model, images, masks, loss_fn, optimizer, scaler, args.precision)
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         kept.eval()
         nan = float("nan")
         val = ({"patient_dice_mean": nan, "tumor_slice_dice_mean": nan, "slice_dice_mean": nan, "healthy_fp_rate": nan}
-               if args.train_on_val else evaluate_model(kept, frames["val"], progress=False))
+               if args.train_on_val else evaluate_model(kept, frames["val"], precision=args.precision, progress=False))
         row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / max(state["step_in_epoch"], 1),
                "lr": scheduler.get_last_lr()[0], "val_patient_dice": val["patient_dice_mean"],
                "val_tumor_slice_dice": val["tumor_slice_dice_mean"], "val_slice_dice": val["slice_dice_mean"],
@@ -437,12 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         model.threshold, model.min_component_area = args.threshold, args.min_component_area
         model.largest_3d_component = args.largest_3d_component
     else:
-        for key, value in tune_postprocessing(model, frames["val"], args.tta).items():
+        for key, value in tune_postprocessing(model, frames["val"], args.tta, args.precision).items():
             setattr(model, key, value)
-    val = {} if args.train_on_val else evaluate_model(model, frames["val"], progress=False)
+    val = {} if args.train_on_val else evaluate_model(model, frames["val"], precision=args.precision, progress=False)
     test, test_per_slice = {}, {}
     if len(frames["test"]):
-        probs, targets = predict_frame(model, frames["test"])  # once, for both post-processings
+        probs, targets = predict_frame(model, frames["test"], precision=args.precision)  # once, for both post-processings
         post = (probs, targets, frames["test"], model.threshold, model.min_component_area)
         test = score(*post, model.largest_3d_component)
         if model.largest_3d_component:  # beside it, the masks a single uploaded slice gets

@@ -71,6 +71,20 @@ def test_threshold_changes_area_monotonically(model, phantom):
     assert low >= high
 
 
+def test_slice_masks_are_the_ones_evaluate_scores_whatever_the_input_size(monkeypatch):
+    # A model trained at 128 px: its minimum area was tuned on probabilities at the data's own 256 px
+    # (train.tune_postprocessing scores what unet.evaluate scores), so the app must not rescale it.
+    model = app.UNet(width=4, depth=1, image_size=128, min_component_area=100)
+    prob = np.zeros((256, 256), np.float32)
+    prob[10:25, 10:25] = 0.9  # 225 px: kept
+    prob[100:106, 100:105] = 0.9  # 30 px: removed
+    mask = app.threshold_mask(model, prob, 0.5)
+    assert int(mask.sum()) == 225
+    from unet.evaluate import mask_counts
+    scored = mask_counts([prob], [mask.astype(np.uint8)], 0.5, model.min_component_area)
+    assert scored[0].tolist() == [225, 225, 225]  # evaluate's mask (intersection, predicted, reference) is this one
+
+
 def test_summary_and_overlay_on_a_known_mask():
     image, ref = phantom_slice(np.random.default_rng(5), 128, 1.0, tumor=True)
     ref = ref > 0
@@ -171,7 +185,7 @@ def test_grayscale_upload_is_segmented(model, tmp_path):
 
 def bad_files(folder: Path) -> dict[str, Path]:
     files = {"text": folder / "notes.txt", "empty": folder / "empty.png", "corrupt": folder / "corrupt.png",
-             "huge": folder / "huge.png", "fake": folder / "fake.png"}
+             "huge": folder / "huge.png", "fake": folder / "fake.png", "truncated_tiff": folder / "truncated.tif"}
     files["text"].write_text("this is not an image\n")
     files["empty"].write_bytes(b"")
     image, _ = phantom_slice(np.random.default_rng(0), 256)
@@ -180,12 +194,15 @@ def bad_files(folder: Path) -> dict[str, Path]:
     files["corrupt"].write_bytes(data[: len(data) // 2])
     Image.new("L", (5000, 8)).save(files["huge"])  # tiny file, too many pixels per side
     files["fake"].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    Image.fromarray(image).save(folder / "good.tif", compression="tiff_deflate")
+    files["truncated_tiff"].write_bytes((folder / "good.tif").read_bytes()[:3000])  # its directory is cut off
     return files
 
 
 @pytest.mark.parametrize("kind,message", [("text", "not an image"), ("empty", "the file is empty"),
                                           ("corrupt", "corrupt or truncated"), ("huge", "at most 4096x4096"),
-                                          ("fake", "not an image|corrupt")])
+                                          ("fake", "not an image|corrupt"),
+                                          ("truncated_tiff", "corrupt or truncated")])
 def test_bad_files_give_one_line_messages(model, tmp_path, kind, message):
     path = bad_files(tmp_path)[kind]
     with pytest.raises(app.InputError, match=message) as info:
@@ -220,6 +237,7 @@ def test_volume_from_files_and_zip(model, tmp_path):
     gallery, masks, summary = app.volume_results(model, got_names, [s.image for s in slices], probs, references, 0.3)
     assert len(gallery) == 3 and gallery[0][1].startswith("1:") and gallery[2][1].startswith("10:")
     assert app.short_labels(["P_10", "P_11"]) == ["10", "11"] and app.short_labels(["a"]) == ["a"]
+    assert app.shared_prefix([f"P_{k}" for k in range(10, 20)]) == "P_"  # the zip is P_masks.zip, not P_1_masks.zip
     assert summary["slices"] == 3 and summary["references"] == 3 and 0 <= summary["dice"] <= 1
     assert summary["tumor_pixels"] == sum(summary["per_slice_pixels"].values()) == sum(int(m.sum()) for m in masks)
     assert "of 3 slices" in app.volume_markdown(summary) or "any of the 3 slices" in app.volume_markdown(summary)
@@ -289,6 +307,17 @@ def test_examples_from_a_kaggle_folder(serving, synthetic_dir, tmp_path):
     assert tumor_mask.any() and not np.asarray(Image.open(examples[-1].mask)).any()
     with pytest.raises(FileNotFoundError):
         app.choose_examples(serving, tmp_path / "missing")
+
+
+def test_kaggle_examples_come_from_the_models_test_patients(serving, synthetic_dir):
+    folder, _, _ = app.choose_examples(serving, synthetic_dir.parent)
+    patients = sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir())
+    held_out = patients[:3]  # 3 patients with tumor and healthy slices
+    found = app.find_examples(folder, held_out=held_out)
+    assert found and {path.parent.name for path, _, _ in found} <= set(held_out)
+    assert {path.parent.name for path, _, _ in app.find_examples(folder)} - set(held_out)  # without: any patient
+    # a folder without any of them falls back to all patients (and logs a warning)
+    assert len(app.find_examples(folder, held_out=["NOT_HERE"])) == 6
 
 
 # --- flags and startup ---------------------------------------------------------------------

@@ -48,6 +48,24 @@ def test_corrupt_image_is_named(small_copy):
         scan_dataset(small_copy)
 
 
+def test_truncated_tiff_is_one_line_and_opencv_stays_quiet(small_copy, capfd):
+    victim = sorted(small_copy.glob("*/*_2.tif"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # the header survives, the image directory does not
+    capfd.readouterr()
+    with pytest.raises(DatasetError, match=f"cannot read image.*{victim.name}"):
+        scan_dataset(small_copy)
+    out, err = capfd.readouterr()
+    assert "TIFF" not in err + out and "ERROR" not in err + out  # OpenCV logs nothing of its own
+
+
+def test_masks_stored_as_0_1_read_as_tumor(tmp_path):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 1
+    cv2.imwrite(str(tmp_path / "a_mask.tif"), mask)
+    cv2.imwrite(str(tmp_path / "b_mask.tif"), mask * 255)
+    assert read_mask(tmp_path / "a_mask.tif").sum() == read_mask(tmp_path / "b_mask.tif").sum() == 16
+
+
 def test_size_mismatch_is_named(small_copy):
     victim = sorted(small_copy.glob("*/*_3_mask.tif"))[0]
     cv2.imwrite(str(victim), np.zeros((32, 64), np.uint8))

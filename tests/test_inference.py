@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 
 from unet.hub import SHIPPED_MODEL_DIR
-from unet.inference import cpu_supports_bf16, predict_proba, prepare_for_inference, segment, to_rgb_uint8
+from unet.inference import autocast_dtype, cpu_supports_bf16, predict_proba, prepare_for_inference, segment, to_rgb_uint8
 from unet.metrics import dice
 from unet.model import load_model
 from unet.synthetic import phantom_slice
@@ -83,3 +84,16 @@ def test_shipped_model_bf16_matches_fp32_on_real_slices(real_data_dir):
     auto, _ = segment(shipped, images)
     assert np.mean([agreement(a, b) for a, b in zip(fp32, auto)]) > 0.98
     assert sum(int((a != b).sum()) for a, b in zip(fp32, auto)) < 0.002 * 16 * 256 * 256
+
+
+def test_autocast_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
+    cuda = torch.device("cuda")
+    # an Ampere-or-newer card has bf16 units; an older one (T4, V100) only emulates them
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype(cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype(cuda) == torch.float16
+    assert autocast_dtype(cuda, "bf16") == torch.bfloat16 and autocast_dtype(cuda, "fp32") is None
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if cpu_supports_bf16() else None)

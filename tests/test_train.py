@@ -1,5 +1,6 @@
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,34 @@ def test_evaluate_cli_loads_the_trained_model(trained_run):
     # evaluate and train's final test evaluation are the same code path on the same patients
     assert metrics["patients"] == saved["patients"] and metrics["slices"] == saved["slices"]
     assert metrics["patient_dice_mean"] == pytest.approx(saved["patient_dice_mean"], abs=0.02)
+    assert len(result.stdout.strip().splitlines()) == len(evaluate_table_keys) + 1  # the table and the JSON only
+
+
+evaluate_table_keys = ["patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean",
+                       "slice_dice_mean", "slice_iou_mean", "healthy_fp_rate", "worst_patient",
+                       "largest_3d_component", "patients / slices"]
+
+
+def test_evaluate_takes_the_split_the_model_recorded(trained_run, tmp_path, capsys, caplog):
+    # In another folder (e.g. the full dataset) the seed gives other patients; the model's record does not.
+    from unet.data import split_patients
+    from unet.evaluate import main as evaluate_main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_run / "model", model_dir)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    patients = sorted(scan_dataset(trained_run / "synthetic")["patient"].unique())
+    recomputed = split_patients(scan_dataset(trained_run / "synthetic"), seed=7)["test"]
+    metrics["splits"]["test"] = [p for p in patients if p not in recomputed][:2]
+    (model_dir / "metrics.json").write_text(json.dumps(metrics))
+    data = ["--data-dir", str(trained_run / "synthetic"), "--model", str(model_dir), "--json"]
+    assert evaluate_main([*data, "--split", "test", "--seed", "7"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(scored["per_patient_dice"]) == metrics["splits"]["test"]
+    # patients the model trained on are scored when asked for, with a warning
+    caplog.set_level(logging.WARNING, logger="unet.evaluate")
+    assert evaluate_main([*data, "--patients", metrics["splits"]["train"][0]]) == 0
+    assert "trained this model" in caplog.text
 
 
 def test_evaluate_follows_the_models_3d_step_unless_told(trained_run, capsys):
@@ -102,6 +131,32 @@ def test_train_on_val_fits_train_and_val_patients_and_keeps_the_last_epoch(tmp_p
     assert "trained on the training and validation patients" in (out / "model" / "README.md").read_text()
 
 
+def test_dataset_normalisation_uses_the_runs_own_training_slices(tmp_path):
+    from unet.data import channel_stats
+
+    out = tmp_path / "run"
+    assert train.main(["--synthetic", "--normalization", "dataset", "--epochs", "1", "--steps-per-epoch", "2",
+                       "--batch-size", "4", "--image-size", "64", "--width", "4", "--no-tune", "--out-dir", str(out)]) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    splits = json.loads((out / "model" / "metrics.json").read_text())["splits"]
+    df = scan_dataset(out / "synthetic")
+    mean, std = channel_stats(df[df["patient"].isin(splits["train"])])
+    assert (config["mean"], config["std"]) == (mean, std)
+    assert mean != list(train.UNet().mean)  # not the constructor's LGG default
+
+
+def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, caplog):
+    out = tmp_path / "run"
+    base = ["--synthetic", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "64", "--no-tune",
+            "--out-dir", str(out)]
+    assert train.main([*base, "--epochs", "1", "--width", "4"]) == 0
+    caplog.set_level(logging.WARNING, logger="train")
+    assert train.main([*base, "--epochs", "2", "--width", "8", "--resume"]) == 0
+    assert "--resume keeps the run's --width 4; the 8 given is ignored" in caplog.text
+    assert json.loads((out / "model" / "config.json").read_text())["width"] == 4
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+
+
 def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
     models = []
     for fold in (0, 1):
@@ -138,7 +193,7 @@ def test_tuning_keeps_the_largest_3d_component_only_where_validation_gains(monke
     if not stray_is_tumor:
         targets[5] = np.zeros((64, 64), bool)
     val_df = pd.DataFrame({"patient": ["P"] * 6, "slice": [1, 2, 3, 4, 5, 6]})
-    monkeypatch.setattr(train, "predict_frame", lambda model, df, progress=True: (probs, targets))
+    monkeypatch.setattr(train, "predict_frame", lambda model, df, precision="auto", progress=True: (probs, targets))
     chosen = train.tune_postprocessing(train.UNet(width=4, depth=1), val_df)
     assert chosen["largest_3d_component"] is not stray_is_tumor
     assert chosen["min_component_area"] <= 256 and not chosen["tta_flips"]

@@ -182,8 +182,9 @@ post-processing in `config.json`.{per_slice_note}
   dataset (TCGA lower-grade glioma, FLAIR-based masks by one annotator); expect lower accuracy on other scanners,
   protocols, tumor types, on post-operative or pediatric brains, and on slices not preprocessed like the dataset's
   (skull, orientation and the 3-channel stacking matter).
-- It segments slice by slice with no 3D context, and small lesions are the hardest; the worst patient above shows
-  how far a single case can fall below the mean.
+- The network sees one slice at a time, with no 3D context (only the optional largest-3D-component step looks
+  across slices), and small lesions are the hardest; the worst patient above shows how far a single case can
+  fall below the mean.
 - Metrics come from a small test set; their uncertainty is large.
 
 ## License and data

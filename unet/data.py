@@ -4,7 +4,7 @@ Channel order, written down once: images are handled in the file's own order, wh
 dataset calls RGB and which is (pre-contrast, FLAIR, post-contrast). OpenCV decodes to BGR,
 so `read_image` flips it back; Pillow and browsers already give RGB. The model's config
 records ``channel_order="RGB"`` and every consumer (training, evaluation, app) goes through
-`read_image` or `unet.inference.to_model_input`.
+`read_image` or `unet.inference.to_rgb_uint8`.
 """
 from __future__ import annotations
 
@@ -40,9 +40,25 @@ def find_kaggle_3m(root: str | Path) -> Path:
     return root / "kaggle_3m" if (root / "kaggle_3m").is_dir() else root
 
 
+def imread_quietly(path: str | Path) -> np.ndarray | None:
+    """cv2.imread without OpenCV's own log lines for a damaged file: the caller raises one line naming it."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def binary_mask(mask: np.ndarray) -> np.ndarray:
+    """A mask image, 0/255 or 0/1, gray or colour -> HxW bool."""
+    gray = mask.max(axis=2) if mask.ndim == 3 else mask
+    return gray > (127 if gray.max() > 1 else 0)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read a slice as HxWx3 uint8 in file (RGB) order."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image = imread_quietly(path)
     if image is None:
         raise DatasetError(f"cannot read image (missing or corrupt): {path}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -52,12 +68,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask as HxW uint8 with values 0 and 1."""
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    mask = imread_quietly(path)
     if mask is None:
         raise DatasetError(f"cannot read mask (missing or corrupt): {path}")
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    return (mask > 127).astype(np.uint8)
+    return binary_mask(mask).astype(np.uint8)
 
 
 def scan_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
@@ -195,7 +209,7 @@ def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: 
         intensity.append(A.RandomGamma(gamma_limit=(70, 150), p=gamma_p))
     return A.Compose(
         [
-            A.Resize(image_size, image_size),
+            A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),  # as unet.inference resizes
             A.Lambda(image=flair_only, p=flair_only_p),
             A.HorizontalFlip(p=0.5),
             A.Affine(
@@ -218,7 +232,7 @@ def seed_augmentation(transform: A.Compose, seed: int | tuple[int, ...]) -> None
 
 
 def eval_transforms(image_size: int = 256) -> A.Compose:
-    return A.Compose([A.Resize(image_size, image_size)])
+    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
 
 
 class LGGDataset(Dataset):

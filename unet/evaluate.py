@@ -5,6 +5,9 @@
     ... --largest-3d-component off    # per-slice masks only, exactly as the app's one-slice tab makes them
 
 Post-processing is the model's own (config.json), whole-volume steps included, unless overridden.
+``--split`` takes the patients train.py recorded in the model's metrics.json, so a model is tested on
+its own test patients whatever folder it is pointed at; only a model without that record has its
+split worked out again from ``--seed`` and the fractions.
 """
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from unet.data import DatasetError, read_image, read_mask, scan_dataset, split_patients
-from unet.inference import keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference
+from unet.hub import resolve_model_dir
+from unet.inference import (keep_largest_volume_component, pick_device, postprocess, predict_proba,
+                            prepare_for_inference)
 from unet.metrics import pixel_counts, summarize
 from unet.model import UNet, load_model
 
@@ -86,8 +92,28 @@ def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precisio
                  volume_step(model, largest_3d_component))
 
 
+def recorded_metrics(model_dir: str | Path) -> dict:
+    """The model folder's metrics.json as train.py wrote it (split, training set, scores); {} if it has none."""
+    path = Path(model_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        metrics = None
+    if not isinstance(metrics, dict):
+        raise DatasetError(f"{path} is not a metrics.json written by train.py")
+    return metrics
+
+
+def trained_patients(metrics: dict) -> set[str]:
+    """The patients a model learned from: its train split, and its validation split after --train-on-val."""
+    splits = metrics.get("splits") or {}
+    return set().union(*(splits.get(name, []) for name in metrics.get("trained_on", ["train"])))
+
+
 def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   largest_3d_component: bool | None = None) -> dict:
+                   largest_3d_component: bool | None = None, device: str | torch.device = "cpu") -> dict:
     """Cross-validation: each fold's model on its own test patients, pooled into one set of metrics.
 
     The slices' pixel counts are pooled before summarising, so every metric is exactly what one
@@ -95,17 +121,17 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
     """
     tests, tested = [], set()
     for model_dir in model_dirs:  # check every fold before evaluating any
-        metrics_path = Path(model_dir) / "metrics.json"
-        if not metrics_path.is_file():
-            raise DatasetError(f"{metrics_path} not found: --cv takes model folders written by train.py")
-        test = json.loads(metrics_path.read_text())["splits"]["test"]
+        test = (recorded_metrics(model_dir).get("splits") or {}).get("test")
+        if not test:
+            raise DatasetError(f"no test split recorded in {Path(model_dir) / 'metrics.json'}: "
+                               "--cv takes model folders written by train.py")
         if tested & set(test):
             raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
         tested |= set(test)
         tests.append(select_patients(df, "all", 0, 0, 0, patients=test))
     counts, patients, volume = [], [], set()
     for model_dir, part in zip(model_dirs, tests):
-        model = prepare_for_inference(load_model(model_dir))
+        model = prepare_for_inference(load_model(model_dir, device=device))
         counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component))
         patients += list(part["patient"])
         volume.add(volume_step(model, largest_3d_component))
@@ -125,6 +151,30 @@ def select_patients(df: pd.DataFrame, split: str, seed: int, val_fraction: float
     if split == "all":
         return df
     return df[df["patient"].isin(split_patients(df, val_fraction, test_fraction, seed, folds, fold)[split])]
+
+
+def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace) -> pd.DataFrame:
+    """The slices of the patients the command line asks for, with the split the model recorded when it has one.
+
+    Recomputing a split from a seed gives other patients on another folder (the full 110-patient dataset
+    instead of the subset a model was trained on), so the record wins; any patient the model learned
+    from is flagged, since its score is not a held-out one.
+    """
+    splits = recorded.get("splits") or {}
+    if args.split != "all" and not args.patients and splits:
+        if not splits.get(args.split):
+            raise DatasetError(f"the model's recorded {args.split} split is empty")
+        log.info("%s split as recorded in the model's metrics.json: %d patients", args.split, len(splits[args.split]))
+        return select_patients(df, "all", 0, 0, 0, patients=splits[args.split])
+    if args.split != "all" and not args.patients:
+        log.info("no split recorded with the model: working it out from --seed %d", args.seed)
+    part = select_patients(df, args.split, args.seed, args.val_fraction, args.test_fraction, args.patients,
+                           args.folds, args.fold)
+    seen = sorted(trained_patients(recorded) & set(part["patient"]))
+    if seen and args.split != "train":
+        log.warning("%d of the %d patients evaluated trained this model (e.g. %s): not a held-out score",
+                    len(seen), part["patient"].nunique(), seen[0])
+    return part
 
 
 def format_table(metrics: dict) -> str:
@@ -147,14 +197,17 @@ def main(argv: list[str] | None = None) -> int:
                              "own test patients and the folds are pooled")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (with a repo id)")
     parser.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
-                        help="which patients: all, or a split made as train.py makes it (default: all)")
+                        help="which patients: all, or a split of the model as recorded in its metrics.json "
+                             "(default: all)")
     parser.add_argument("--patients", nargs="+", help="evaluate exactly these patient ids (overrides --split)")
-    parser.add_argument("--seed", type=int, default=42, help="split seed, as given to train.py")
-    parser.add_argument("--folds", type=int, default=0, help="with --split: the k-fold split of train.py --folds")
-    parser.add_argument("--fold", type=int, default=0, help="with --split and --folds: which fold is the test")
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--test-fraction", type=float, default=0.15)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=42,
+                        help="for a model without a recorded split: the split seed given to train.py (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=0, help="for a model without a recorded split: train.py's --folds")
+    parser.add_argument("--fold", type=int, default=0, help="for a model without a recorded split: train.py's --fold")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="for a model without a recorded split")
+    parser.add_argument("--test-fraction", type=float, default=0.15, help="for a model without a recorded split")
+    parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 where the CPU or GPU supports it, else fp32")
     parser.add_argument("--largest-3d-component", choices=["config", "on", "off"], default="config",
@@ -165,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = pick_device(args.device)
     try:
         if args.cv:
-            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision, volume)
+            metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision, volume,
+                                     device)
         else:
-            model = prepare_for_inference(load_model(args.model, revision=args.revision))
-            df = select_patients(scan_dataset(args.data_dir), args.split, args.seed, args.val_fraction,
-                                 args.test_fraction, args.patients, args.folds, args.fold)
+            model_dir = resolve_model_dir(args.model, revision=args.revision)
+            model = prepare_for_inference(load_model(str(model_dir), device=device))
+            df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args)
             metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume)
     except (DatasetError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

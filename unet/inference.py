@@ -22,15 +22,36 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
 
 
-def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast where it pays (CUDA; a CPU with bf16 units), else plain fp32."""
+def pick_device(name: str = "auto") -> torch.device:
+    """A device by name; auto takes CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a device and a --precision choice; None means plain fp32.
+
+    auto: bf16 on CUDA and on a CPU with bf16 units. A GPU older than Ampere only emulates bf16,
+    slowly, so it gets fp16 (which training pairs with loss scaling).
+    """
     if precision == "fp32" or device.type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
-    if device.type == "cpu" and precision == "auto" and not cpu_supports_bf16():
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Autocast to `autocast_dtype`, or plain fp32."""
+    dtype = autocast_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:

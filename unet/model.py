@@ -3,10 +3,11 @@
 The classic configuration (Ronneberger et al., as in usuyama/pytorch-unet) is
 ``UNet(width=64, depth=3, upsampling="bilinear")``: encoder 3->64->128->256->512 with
 MaxPool2d(2), bilinear x2 upsampling with skip concatenation, decoders 512+256->256,
-256+128->128, 128+64->64 and a 1x1 conv to one channel (7.76 M parameters).
+256+128->128, 128+64->64 and a 1x1 conv to one channel (7.79 M parameters).
 
-The default, ``width=32, depth=4``, has about the same parameter count at 3.5x fewer FLOPs
-per 256x256 slice (benchmarks/), which is what makes CPU training and serving practical.
+The default, ``width=16, depth=4`` with transposed-convolution upsampling, has 1.94 M parameters
+and a fraction of the classic net's FLOPs per 256x256 slice (benchmarks/), which is what makes CPU
+training and serving practical; wider nets did no better on validation (README, Results).
 
 Everything that serving needs to reproduce training (channel order, normalisation, input
 size, threshold, post-processing) is an ``__init__`` argument, so ``save_pretrained`` writes
@@ -14,6 +15,8 @@ it to ``config.json`` beside the weights and ``from_pretrained`` gives it back.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from torch import nn
 
 # Per-channel statistics of the LGG training slices scaled to [0, 1] (channel order
 # pre-contrast, FLAIR, post-contrast), measured on the 42 training patients of the default split by
-# `python -m unet.data ../shared/data/lgg_subset --stats`.
+# `python -m unet.data ../shared/data/lgg_subset --stats`: the constructor's default. train.py measures
+# its own training slices instead, and per-slice normalisation (the shipped model's) uses neither.
 LGG_MEAN = (0.1018, 0.0848, 0.0890)
 LGG_STD = (0.1432, 0.1256, 0.1315)
 
@@ -143,7 +147,9 @@ def load_model(source: str, revision: str | None = None, device: str | torch.dev
     from unet.hub import resolve_model_dir
 
     model_dir = resolve_model_dir(source, revision=revision)
-    model = UNet.from_pretrained(model_dir, strict=True, map_location=str(device))
+    # The mixin print()s "Loading weights from local directory": dropped, stdout is for results (--json).
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = UNet.from_pretrained(model_dir, strict=True, map_location=str(device))
     return model.to(device).eval()
 
 

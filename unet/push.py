@@ -31,6 +31,7 @@ from PIL import Image
 
 from unet.card import model_card_text
 from unet.data import DatasetError, read_image, read_mask, scan_dataset
+from unet.evaluate import recorded_metrics
 from unet.hub import NETWORK_ERRORS, hub_endpoint, use_short_timeouts
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def stage(model_dir: Path, staging: Path, repo_id: str, examples: pd.DataFrame |
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, staging / name)
     # A card as train.py wrote it gets the repo id in its usage lines; an edited card is kept as it is.
-    metrics_path, readme = model_dir / "metrics.json", model_dir / "README.md"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    readme = model_dir / "README.md"
+    metrics = recorded_metrics(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if not readme.is_file() or readme.read_text() == model_card_text(metrics, config):
         (staging / "README.md").write_text(model_card_text(metrics, config, repo_id))
@@ -133,8 +134,7 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
             url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").is_file() else {}
-            dice = (metrics.get("test") or {}).get("patient_dice_mean")
+            dice = (recorded_metrics(model_dir).get("test") or {}).get("patient_dice_mean")
             commit = api.upload_folder(
                 repo_id=repo_id, folder_path=tmp, revision=revision,
                 # Stale files of an earlier push (e.g. other examples) go; files added on the Hub stay.
@@ -158,7 +158,7 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
 def examples_frame(data_dir: str | Path, model_dir: Path, split: str) -> pd.DataFrame:
     """The slices of the ``split`` patients recorded in the model's metrics.json."""
     metrics_path = model_dir / "metrics.json"
-    splits = json.loads(metrics_path.read_text()).get("splits") if metrics_path.is_file() else None
+    splits = recorded_metrics(model_dir).get("splits")
     if not splits or split not in splits:
         raise DatasetError(f"no {split} split recorded in {metrics_path}: cannot tell which patients to take examples from")
     df = scan_dataset(data_dir, check_images=False)
@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = Path(args.model)
-    data_dir = args.data_dir
-    if data_dir is None and (model_dir / "metrics.json").is_file():
-        recorded = json.loads((model_dir / "metrics.json").read_text()).get("data", "")
-        data_dir = recorded if recorded and Path(recorded).is_dir() else None
+    try:
+        recorded = recorded_metrics(model_dir).get("data", "")
+    except DatasetError as error:
+        log.error("error: %s", error)
+        return 2
+    data_dir = args.data_dir or (recorded if recorded and Path(recorded).is_dir() else None)
     examples = None
     if data_dir and not args.no_examples:
         try:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from unet.evaluate import mask_counts
 from unet.inference import keep_largest_volume_component, postprocess
 from unet.losses import BCEDiceLoss, dice_loss
-from unet.metrics import pixel_counts, summarize
+from unet.metrics import bootstrap_interval, pixel_counts, summarize
 
 
 def test_dice_loss_by_hand():
@@ -60,6 +60,19 @@ def test_metrics_by_hand():
     # IoU: 1/3, 1, 0, 1
     assert m["slice_iou_mean"] == pytest.approx((1 / 3 + 1 + 0 + 1) / 4)
     assert (m["patients"], m["slices"], m["tumor_slices"]) == (2, 4, 2)
+    # resampling two patients with replacement gives means of 0.5, 0.65 and 0.8 only
+    low, high = m["patient_dice_ci95"]
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.8)
+
+
+def test_bootstrap_interval_narrows_with_more_patients_and_repeats():
+    rng = np.random.default_rng(1)
+    few, many = rng.uniform(0.6, 1.0, 9), rng.uniform(0.6, 1.0, 90)
+    (a, b), (c, d) = bootstrap_interval(few), bootstrap_interval(many)
+    assert a < few.mean() < b and c < many.mean() < d
+    assert d - c < (b - a) / 2  # about 1/sqrt(10) as wide
+    assert bootstrap_interval(few) == [a, b]
+    assert all(np.isnan(bootstrap_interval([0.7])))
 
 
 def test_metrics_without_healthy_or_tumor_slices():

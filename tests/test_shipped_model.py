@@ -54,6 +54,7 @@ def test_evaluate_reproduces_the_shipped_test_metrics(real_data_dir, capsys):
     assert (measured["patients"], measured["slices"]) == (expected["patients"], expected["slices"])
     for key in ("patient_dice_mean", "patient_dice_median", "tumor_slice_dice_mean", "slice_dice_mean", "healthy_fp_rate"):
         assert measured[key] == pytest.approx(expected[key], abs=0.003), key
+    assert measured["patient_dice_ci95"] == pytest.approx(expected["patient_dice_ci95"], abs=0.003)
 
 
 @pytest.mark.real_data
@@ -81,6 +82,8 @@ def test_readme_states_the_shipped_numbers():
     for split in ("test", "test_per_slice", "val"):
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
             assert re.search(rf"\b{metrics[split][key]:.3f}\b", section), (split, key)
+        low, high = metrics[split]["patient_dice_ci95"]
+        assert f"{low:.3f} to {high:.3f}" in section, split
 
 
 @pytest.mark.real_data

@@ -54,7 +54,7 @@ def test_evaluate_cli_loads_the_trained_model(trained_run):
     assert len(result.stdout.strip().splitlines()) == len(evaluate_table_keys) + 1  # the table and the JSON only
 
 
-evaluate_table_keys = ["patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean",
+evaluate_table_keys = ["patient_dice_mean", "patient_dice_ci95", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean",
                        "slice_dice_mean", "slice_iou_mean", "healthy_fp_rate", "worst_patient",
                        "largest_3d_component", "patients / slices"]
 

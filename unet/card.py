@@ -69,6 +69,9 @@ def _metrics_table(metrics: dict) -> str:
     for key, _, label in METRICS:
         cells = [f"{v:.4f}" if (v := _number(m.get(key))) is not None else "n/a" for _, m in splits]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| Mean patient Dice, 95% bootstrap interval | " + " | ".join(
+        f"{ci[0]:.3f} to {ci[1]:.3f}" if (ci := m.get("patient_dice_ci95")) and all(_number(v) is not None for v in ci) else "n/a"
+        for _, m in splits) + " |")
     lines.append("| Worst patient | " + " | ".join(f"`{m.get('worst_patient', '?')}`" for _, m in splits) + " |")
     lines.append("| Patients / slices (with tumor) | " + " | ".join(
         f"{m.get('patients', '?')} / {m.get('slices', '?')} ({m.get('tumor_slices', '?')})" for _, m in splits) + " |")

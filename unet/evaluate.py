@@ -181,6 +181,8 @@ def format_table(metrics: dict) -> str:
     keys = ["patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean",
             "slice_dice_mean", "slice_iou_mean", "healthy_fp_rate"]
     lines = [f"{k:<24}{metrics[k]:.4f}" for k in keys]
+    low, high = metrics["patient_dice_ci95"]
+    lines.insert(1, f"{'patient_dice_ci95':<24}{low:.4f} to {high:.4f}")
     lines.append(f"{'worst_patient':<24}{metrics['worst_patient']}")
     lines.append(f"{'largest_3d_component':<24}{metrics.get('largest_3d_component', False)}")
     lines.append(f"{'patients / slices':<24}{metrics['patients']} / {metrics['slices']} ({metrics['tumor_slices']} with tumor)")

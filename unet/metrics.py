@@ -29,11 +29,24 @@ def iou(intersection: np.ndarray, predicted: np.ndarray, reference: np.ndarray) 
     return np.where(union == 0, 1.0, intersection / np.maximum(union, 1))
 
 
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000,
+                       seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean: how far the mean of this few patients could move
+    with other patients like them. Seeded, so a rerun prints the same interval."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return [float("nan"), float("nan")]
+    means = np.random.default_rng(seed).choice(values, (resamples, len(values))).mean(1)
+    tail = (1 - confidence) / 2 * 100
+    return [round(float(v), 4) for v in np.percentile(means, [tail, 100 - tail])]
+
+
 def summarize(counts: np.ndarray, patients: Sequence[str]) -> dict:
     """All the metrics from per-slice `pixel_counts` and each slice's patient id.
 
     - slice Dice: mean over all slices (empty vs empty counts as 1);
-    - patient Dice: each patient's slices pooled as one volume (Buda et al. report its mean);
+    - patient Dice: each patient's slices pooled as one volume (Buda et al. report its mean), with a
+      95% bootstrap interval of the mean over patients;
     - tumor-slice Dice: mean over slices whose reference has tumor;
     - healthy FP rate: share of tumor-free slices where any pixel is predicted.
     """
@@ -52,6 +65,7 @@ def summarize(counts: np.ndarray, patients: Sequence[str]) -> dict:
         "patient_dice_mean": float(patient_dice.mean()),
         "patient_dice_median": float(patient_dice.median()),
         "patient_dice_min": float(patient_dice.min()),
+        "patient_dice_ci95": bootstrap_interval(patient_dice.to_numpy()),
         "worst_patient": str(patient_dice.idxmin()),
         "slice_dice_mean": float(slice_dice.mean()),
         "tumor_slice_dice_mean": float(slice_dice[tumor].mean()) if tumor.any() else nan,

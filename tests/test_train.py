@@ -158,6 +158,8 @@ def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, capl
 
 
 def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
+    from unet.evaluate import main as evaluate_main
+
     models = []
     for fold in (0, 1):
         out = tmp_path / f"cv-{fold}"
@@ -178,6 +180,8 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
                  str(tmp_path / "cv-0" / "model")])
     assert twice.returncode == 2 and "which another fold tests too" in twice.stderr
     assert len(twice.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):  # a split of one model means nothing to pooled folds
+        evaluate_main(["--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"), "--split", "test"])
 
 
 @pytest.mark.parametrize("stray_is_tumor", [False, True])

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                              "force it on or off; off gives exactly the masks of the app's one-slice tab")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
     args = parser.parse_args(argv)
+    if args.cv and (args.patients or args.split != "all" or args.folds or args.revision):
+        parser.error("--cv tests each fold's model on the test patients it recorded: "
+                     "--split, --patients, --folds and --revision do not apply")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = pick_device(args.device)

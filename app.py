@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from unet.data import binary_mask, find_kaggle_3m, scan_dataset
+from unet.data import DatasetError, binary_mask, find_kaggle_3m, scan_dataset
 from unet.evaluate import recorded_metrics
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
 from unet.inference import (keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference,
@@ -48,7 +47,7 @@ log = logging.getLogger("app")
 ROOT = Path(__file__).resolve().parent
 PROJECT_EXAMPLES_DIR = ROOT / "examples"  # synthetic slices written by examples/make_examples.py
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"RIFF", b"GIF8")
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF: how they begin
 MAX_FILE_MB = 50  # per upload, enforced by the server (launch max_file_size) and by load_slice
 MAX_SIDE = 4096  # pixels per side; larger images are refused before they are decoded
 MAX_VOLUME_SLICES = 200
@@ -89,8 +88,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: the file is empty")
     notes = []
     try:
-        # Pillow's warnings (e.g. "Corrupt EXIF data") are dropped: the one-line error below says what matters.
-        with warnings.catch_warnings(action="ignore", category=UserWarning), Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE:
                 raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
@@ -171,8 +169,8 @@ def predict(model: UNet, image: np.ndarray) -> np.ndarray:
 
 def threshold_mask(model: UNet, prob: np.ndarray, threshold: float) -> np.ndarray:
     """Probability -> mask with the model's per-slice post-processing, exactly as `unet.evaluate` and
-    the tuning in train.py make it (the minimum component area counts pixels of the image as given)."""
-    return postprocess(prob, threshold, model.min_component_area)
+    the tuning in train.py make it (the minimum component area is set at the model's input size)."""
+    return postprocess(prob, threshold, model.min_component_area, model.image_size)
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
@@ -508,7 +506,11 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     work = Path(tempfile.mkdtemp(prefix="brain-mri-app-"))
     atexit.register(shutil.rmtree, work, True)
     folder, source, synthetic = choose_examples(serving, examples_dir)
-    held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
+    try:
+        held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
+    except DatasetError as error:  # the model still serves; only the choice of examples needs the record
+        log.warning("%s: examples may be slices the model trained on", error)
+        held_out = None
     examples = prepare_examples(folder, work / "examples", synthetic, held_out)
     if not examples and folder != PROJECT_EXAMPLES_DIR:
         log.warning("no usable examples in %s; using the project's synthetic examples", folder)
@@ -606,7 +608,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
 
         labels = short_labels(state["names"])
         plot = pd.DataFrame({"slice": labels, "tumor pixels": [int(m.sum()) for m in masks]})
-        patient = shared_prefix(state["names"]).rstrip("_- ") or "volume"
+        names = state["names"]
+        patient = (shared_prefix(names) if len(names) > 1 else names[0]).rstrip("_- ") or "volume"
         return gallery, volume_markdown(summary), gr.BarPlot(plot, sort=labels), write_file(f"{patient}_masks.zip", write_zip)
 
     def on_volume_threshold(state: dict | None, threshold: float) -> tuple:

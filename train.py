@@ -35,7 +35,7 @@ from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, spl
 from unet.evaluate import evaluate_model, predict_frame, score
 from unet.inference import autocast_dtype, autocast_for, pick_device
 from unet.losses import BCEDiceLoss
-from unet.model import UNet, count_parameters
+from unet.model import LGG_MEAN, LGG_STD, UNet, count_parameters
 from unet.synthetic import make_synthetic_dataset
 
 log = logging.getLogger("train")
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "on validation")
     run.add_argument("--threshold", type=float, default=0.5, help="with --no-tune or --train-on-val (default: %(default)s)")
     run.add_argument("--min-component-area", type=int, default=0,
-                     help="with --no-tune or --train-on-val: drop predicted components under this many pixels (default: %(default)s)")
+                     help="with --no-tune or --train-on-val: drop predicted components under this many pixels, counted at "
+                          "--image-size (default: %(default)s)")
     run.add_argument("--largest-3d-component", action="store_true",
                      help="with --no-tune or --train-on-val: keep only each patient's largest 3D component when its "
                           "slices are segmented together (evaluation, the app's volume tab)")
@@ -226,13 +227,13 @@ def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = 
         probs, targets = predict_frame(model, val_df, precision=precision, progress=False)
         for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
             for min_area in (0, 16, 32, 64, 128, 256):
-                m = score(probs, targets, val_df, threshold, min_area)
+                m = score(probs, targets, val_df, threshold, min_area, area_size=model.image_size)
                 key = (round(m["patient_dice_mean"], 4), -m["healthy_fp_rate"])
                 if best is None or key > best[0]:
                     best = (key, {"tta_flips": tta, "threshold": threshold, "min_component_area": min_area},
                             m, probs)
     key, chosen, m, probs = best
-    volume = score(probs, targets, val_df, chosen["threshold"], chosen["min_component_area"], True)
+    volume = score(probs, targets, val_df, chosen["threshold"], chosen["min_component_area"], True, model.image_size)
     chosen["largest_3d_component"] = (round(volume["patient_dice_mean"], 4), -volume["healthy_fp_rate"]) > key
     model.tta_flips = False
     log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f; with the largest "
@@ -291,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir = args.data_dir or str(DEFAULT_DATA_DIR)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        log.error("error: %s", error)
+        return 2
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: pick the fastest kernels once
 
     data_dir = make_synthetic_dataset(out_dir / "synthetic", patients=10, slices=16, size=args.image_size,
@@ -323,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                  len(frames["train"]), frames["train"]["patient"].nunique())
 
     stats = {}
-    if args.normalization == "dataset":  # the statistics of exactly the slices this run learns from
-        stats = dict(zip(("mean", "std"), channel_stats(frames["train"])))
+    if args.normalization == "dataset":  # the statistics of exactly the slices this run learns from, fixed at its start
+        if state:  # runs from before this measurement trained with the constructor's defaults
+            stats = state.get("stats") or {"mean": list(LGG_MEAN), "std": list(LGG_STD)}
+        else:
+            stats = dict(zip(("mean", "std"), channel_stats(frames["train"])))
         log.info("training-set channel statistics: mean %s, std %s", stats["mean"], stats["std"])
     model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
                  normalization=args.normalization, **stats)
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             scaler.load_state_dict(state["scaler"])
     else:
         state = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "best_score": -1.0, "best_epoch": 0,
-                 "bad_epochs": 0, "history": [], "train_seconds": 0.0, "splits": splits, "args": vars(args)}
+                 "bad_epochs": 0, "history": [], "train_seconds": 0.0, "splits": splits, "stats": stats,
+                 "args": vars(args)}
 
     machine = machine_description(device)
     if not state.get("machines") or state["machines"][-1]["machine"] != machine:
@@ -443,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(frames["test"]):
         probs, targets = predict_frame(model, frames["test"], precision=args.precision)  # once, for both post-processings
         post = (probs, targets, frames["test"], model.threshold, model.min_component_area)
-        test = score(*post, model.largest_3d_component)
+        test = score(*post, model.largest_3d_component, model.image_size)
         if model.largest_3d_component:  # beside it, the masks a single uploaded slice gets
-            test_per_slice = score(*post, False)
+            test_per_slice = score(*post, False, model.image_size)
     metrics = {
         "test": test,
         "test_per_slice": test_per_slice,

@@ -71,18 +71,21 @@ def test_threshold_changes_area_monotonically(model, phantom):
     assert low >= high
 
 
-def test_slice_masks_are_the_ones_evaluate_scores_whatever_the_input_size(monkeypatch):
-    # A model trained at 128 px: its minimum area was tuned on probabilities at the data's own 256 px
-    # (train.tune_postprocessing scores what unet.evaluate scores), so the app must not rescale it.
+def test_slice_masks_are_the_ones_evaluate_scores_whatever_the_input_size():
+    # A model trained at 128 px keeps components of at least 100 px at 128 px: 400 px on a 256 px slice,
+    # 1600 px on a 512 px upload. The app, evaluate and train.py's tuning all apply it so.
+    from unet.evaluate import mask_counts
+
     model = app.UNet(width=4, depth=1, image_size=128, min_component_area=100)
     prob = np.zeros((256, 256), np.float32)
-    prob[10:25, 10:25] = 0.9  # 225 px: kept
-    prob[100:106, 100:105] = 0.9  # 30 px: removed
+    prob[10:31, 10:31] = 0.9  # 441 px: kept
+    prob[100:115, 100:115] = 0.9  # 225 px, over 100 but under 400: removed
     mask = app.threshold_mask(model, prob, 0.5)
-    assert int(mask.sum()) == 225
-    from unet.evaluate import mask_counts
-    scored = mask_counts([prob], [mask.astype(np.uint8)], 0.5, model.min_component_area)
-    assert scored[0].tolist() == [225, 225, 225]  # evaluate's mask (intersection, predicted, reference) is this one
+    assert int(mask.sum()) == 441
+    scored = mask_counts([prob], [mask], 0.5, model.min_component_area, area_size=model.image_size)
+    assert scored[0].tolist() == [441, 441, 441]  # evaluate's mask (intersection, predicted, reference) is this one
+    twice = cv2.resize(prob, (512, 512), interpolation=cv2.INTER_NEAREST)
+    assert int(app.threshold_mask(model, twice, 0.5).sum()) == 4 * 441  # the same blob survives at 512 px
 
 
 def test_summary_and_overlay_on_a_known_mask():

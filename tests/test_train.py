@@ -99,6 +99,7 @@ def test_evaluate_follows_the_models_3d_step_unless_told(trained_run, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--data-dir", "/no/such/folder"], "data folder not found: /no/such/folder"),
     (["--data-dir", "SYNTH", "--model", "./no/such/model"], "no/such/model"),
+    (["--data-dir", "SYNTH", "--device", "gpu"], "--device gpu: not a device name"),
 ])
 def test_evaluate_cli_errors_are_one_line(trained_run, args, message):
     args = [str(trained_run / "synthetic") if a == "SYNTH" else a for a in args]
@@ -129,9 +130,13 @@ def test_train_on_val_fits_train_and_val_patients_and_keeps_the_last_epoch(tmp_p
     last = torch.load(out / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(shipped[k], last[k]) for k in last)
     assert "trained on the training and validation patients" in (out / "model" / "README.md").read_text()
+    caplog.set_level(logging.WARNING, logger="unet.evaluate")
+    from unet.evaluate import main as evaluate_main
+    assert evaluate_main(["--data-dir", str(out / "synthetic"), "--model", str(out / "model"), "--split", "val"]) == 0
+    assert "trained this model" in caplog.text  # its validation patients are training patients now
 
 
-def test_dataset_normalisation_uses_the_runs_own_training_slices(tmp_path):
+def test_dataset_normalisation_uses_the_runs_own_training_slices(tmp_path, caplog):
     from unet.data import channel_stats
 
     out = tmp_path / "run"
@@ -143,6 +148,14 @@ def test_dataset_normalisation_uses_the_runs_own_training_slices(tmp_path):
     mean, std = channel_stats(df[df["patient"].isin(splits["train"])])
     assert (config["mean"], config["std"]) == (mean, std)
     assert mean != list(train.UNet().mean)  # not the constructor's LGG default
+    # a resumed run keeps the statistics it started with, even where the training slices changed since
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    checkpoint["stats"] = {"mean": [0.25, 0.25, 0.25], "std": [0.5, 0.5, 0.5]}
+    torch.save(checkpoint, out / "last.pt")
+    caplog.set_level(logging.INFO, logger="train")
+    assert train.main(["--out-dir", str(out), "--resume", "--epochs", "2"]) == 0
+    assert "channel statistics: mean [0.25, 0.25, 0.25]" in caplog.text
+    assert torch.load(out / "last.pt", weights_only=False)["stats"]["mean"] == [0.25, 0.25, 0.25]
 
 
 def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, caplog):
@@ -158,8 +171,6 @@ def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, capl
 
 
 def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
-    from unet.evaluate import main as evaluate_main
-
     models = []
     for fold in (0, 1):
         out = tmp_path / f"cv-{fold}"
@@ -180,8 +191,9 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
                  str(tmp_path / "cv-0" / "model")])
     assert twice.returncode == 2 and "which another fold tests too" in twice.stderr
     assert len(twice.stderr.strip().splitlines()) == 1
-    with pytest.raises(SystemExit):  # a split of one model means nothing to pooled folds
-        evaluate_main(["--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"), "--split", "test"])
+    refused = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"),
+                   "--seed", "7"])  # a split of one model means nothing to pooled folds
+    assert refused.returncode == 2 and "--seed does not apply" in refused.stderr
 
 
 @pytest.mark.parametrize("stray_is_tumor", [False, True])

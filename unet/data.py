@@ -51,8 +51,8 @@ def imread_quietly(path: str | Path) -> np.ndarray | None:
 
 
 def binary_mask(mask: np.ndarray) -> np.ndarray:
-    """A mask image, 0/255 or 0/1, gray or colour -> HxW bool."""
-    gray = mask.max(axis=2) if mask.ndim == 3 else mask
+    """A mask image, 0/255 or 0/1, gray or colour (alpha ignored) -> HxW bool."""
+    gray = mask[..., :3].max(axis=2) if mask.ndim == 3 else mask
     return gray > (127 if gray.max() > 1 else 0)
 
 

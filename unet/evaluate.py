@@ -45,13 +45,13 @@ def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision
 
 
 def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: float,
-                min_component_area: int, volumes: pd.DataFrame | None = None) -> np.ndarray:
+                min_component_area: int, volumes: pd.DataFrame | None = None, area_size: int | None = None) -> np.ndarray:
     """Per-slice `pixel_counts` of the masks that a threshold and post-processing make of ``probs``.
 
     With ``volumes`` (the slices' `scan_dataset` rows, for their patient and slice number), each
     patient's masks are then cut to the largest 3D component, `keep_largest_volume_component`.
     """
-    preds = np.stack([postprocess(p, threshold, min_component_area) for p in probs])
+    preds = np.stack([postprocess(p, threshold, min_component_area, area_size) for p in probs])
     if volumes is not None:
         patients, slices = volumes["patient"].to_numpy(), volumes["slice"].to_numpy()
         for patient in np.unique(patients):
@@ -62,9 +62,9 @@ def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: f
 
 
 def score(probs: list[np.ndarray], targets: list[np.ndarray], df: pd.DataFrame, threshold: float,
-          min_component_area: int, largest_3d_component: bool = False) -> dict:
+          min_component_area: int, largest_3d_component: bool = False, area_size: int | None = None) -> dict:
     """`unet.metrics.summarize` of the masks one post-processing setting makes of ``probs`` (rows of ``df``)."""
-    counts = mask_counts(probs, targets, threshold, min_component_area, df if largest_3d_component else None)
+    counts = mask_counts(probs, targets, threshold, min_component_area, df if largest_3d_component else None, area_size)
     return summarize(counts, list(df["patient"])) | {"largest_3d_component": largest_3d_component}
 
 
@@ -81,7 +81,8 @@ def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precisio
     """
     probs, targets = predict_frame(model, df, batch_size, precision, progress)
     volume = volume_step(model, largest_3d_component)
-    return mask_counts(probs, targets, model.threshold, model.min_component_area, df if volume else None)
+    return mask_counts(probs, targets, model.threshold, model.min_component_area, df if volume else None,
+                       model.image_size)
 
 
 def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
@@ -89,7 +90,7 @@ def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precisio
     """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
     probs, targets = predict_frame(model, df, batch_size, precision, progress)
     return score(probs, targets, df, model.threshold, model.min_component_area,
-                 volume_step(model, largest_3d_component))
+                 volume_step(model, largest_3d_component), model.image_size)
 
 
 def recorded_metrics(model_dir: str | Path) -> dict:
@@ -161,17 +162,21 @@ def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace) -
     from is flagged, since its score is not a held-out one.
     """
     splits = recorded.get("splits") or {}
-    if args.split != "all" and not args.patients and splits:
+    if args.patients or args.split == "all":
+        part = select_patients(df, "all", 0, 0, 0, args.patients)
+    elif splits:
         if not splits.get(args.split):
             raise DatasetError(f"the model's recorded {args.split} split is empty")
         log.info("%s split as recorded in the model's metrics.json: %d patients", args.split, len(splits[args.split]))
-        return select_patients(df, "all", 0, 0, 0, patients=splits[args.split])
-    if args.split != "all" and not args.patients:
+        for name in given_options(args, SPLIT_OPTIONS[2:]):
+            log.warning("--%s ignored: the model recorded its split", name.replace("_", "-"))
+        part = select_patients(df, "all", 0, 0, 0, splits[args.split])
+    else:
         log.info("no split recorded with the model: working it out from --seed %d", args.seed)
-    part = select_patients(df, args.split, args.seed, args.val_fraction, args.test_fraction, args.patients,
-                           args.folds, args.fold)
+        part = select_patients(df, args.split, args.seed, args.val_fraction, args.test_fraction, None,
+                               args.folds, args.fold)
     seen = sorted(trained_patients(recorded) & set(part["patient"]))
-    if seen and args.split != "train":
+    if seen and (args.patients or args.split != "train"):
         log.warning("%d of the %d patients evaluated trained this model (e.g. %s): not a held-out score",
                     len(seen), part["patient"].nunique(), seen[0])
     return part
@@ -189,7 +194,16 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+SPLIT_OPTIONS = ("split", "patients", "seed", "folds", "fold", "val_fraction", "test_fraction")
+
+
+def given_options(args: argparse.Namespace, names: tuple[str, ...] = SPLIT_OPTIONS) -> list[str]:
+    """Which of these options the command line set to something other than their default."""
+    parser = build_parser()
+    return [name for name in names if getattr(args, name) != parser.get_default(name)]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a U-Net on a kaggle_3m folder.")
     parser.add_argument("--data-dir", required=True, help="the kaggle_3m folder, or a folder that contains it")
     target = parser.add_mutually_exclusive_group(required=True)
@@ -211,20 +225,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 where the CPU or GPU supports it, else fp32")
+                        help="auto: bf16 on a CPU with bf16 units or a GPU (fp16 before Ampere), else fp32 "
+                             "(default: %(default)s)")
     parser.add_argument("--largest-3d-component", choices=["config", "on", "off"], default="config",
                         help="keep only each patient's largest 3D connected component (whole-volume post-processing, "
                              "as in Buda et al.'s reference code): as the model's config.json says (default), or "
                              "force it on or off; off gives exactly the masks of the app's one-slice tab")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cv and (given := given_options(args, (*SPLIT_OPTIONS, "revision"))):
+        parser.error(f"--cv tests each fold's model on the test patients it recorded: "
+                     f"--{given[0].replace('_', '-')} does not apply")
     if args.cv and (args.patients or args.split != "all" or args.folds or args.revision):
         parser.error("--cv tests each fold's model on the test patients it recorded: "
                      "--split, --patients, --folds and --revision do not apply")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         if args.cv:
             metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision, volume,
                                      device)

@@ -23,9 +23,17 @@ def cpu_supports_bf16() -> bool:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """A device by name; auto takes CUDA, then Apple's MPS, then the CPU."""
+    """A device by name; auto takes CUDA, then Apple's MPS, then the CPU. ValueError for one not here."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: no MPS device on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -105,9 +113,17 @@ def predict_proba(model: UNet, images: np.ndarray | list[np.ndarray], batch_size
     return out
 
 
-def postprocess(prob: np.ndarray, threshold: float, min_component_area: int = 0) -> np.ndarray:
-    """Probability map (H, W) -> binary mask, dropping connected components under the area."""
+def postprocess(prob: np.ndarray, threshold: float, min_component_area: int = 0,
+                area_size: int | None = None) -> np.ndarray:
+    """Probability map (H, W) -> binary mask, dropping connected components under the area.
+
+    With ``area_size`` (the model's input size), the area counts pixels of an ``area_size`` square
+    image and is scaled to the map's own size, so a slice uploaded at twice the resolution loses the
+    same blobs; without it, pixels of the map as given.
+    """
     mask = (prob >= threshold).astype(np.uint8)
+    if area_size:
+        min_component_area = round(min_component_area * prob.size / area_size**2)
     if min_component_area > 0 and mask.any():
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         keep = np.zeros(n, bool)
@@ -134,7 +150,7 @@ def segment(model: UNet, images: np.ndarray | list[np.ndarray], threshold: float
     """Images -> (boolean masks, probabilities), with the model's threshold unless one is given."""
     probs = predict_proba(model, images, batch_size=batch_size, precision=precision)
     t = model.threshold if threshold is None else threshold
-    return [postprocess(p, t, model.min_component_area) for p in probs], probs
+    return [postprocess(p, t, model.min_component_area, model.image_size) for p in probs], probs
 
 
 def prepare_for_inference(model: UNet) -> UNet:

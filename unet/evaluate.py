@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.15, help="for a model without a recorded split")
     parser.add_argument("--test-fraction", type=float, default=0.15, help="for a model without a recorded split")
     parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 on a CPU with bf16 units or a GPU (fp16 before Ampere), else fp32 "
                              "(default: %(default)s)")
@@ -241,9 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv and (given := given_options(args, (*SPLIT_OPTIONS, "revision"))):
         parser.error(f"--cv tests each fold's model on the test patients it recorded: "
                      f"--{given[0].replace('_', '-')} does not apply")
-    if args.cv and (args.patients or args.split != "all" or args.folds or args.revision):
-        parser.error("--cv tests each fold's model on the test patients it recorded: "
-                     "--split, --patients, --folds and --revision do not apply")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -67,8 +67,9 @@ def test_evaluate_takes_the_split_the_model_recorded(trained_run, tmp_path, caps
     model_dir = tmp_path / "model"
     shutil.copytree(trained_run / "model", model_dir)
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    patients = sorted(scan_dataset(trained_run / "synthetic")["patient"].unique())
-    recomputed = split_patients(scan_dataset(trained_run / "synthetic"), seed=7)["test"]
+    df = scan_dataset(trained_run / "synthetic")
+    patients = sorted(df["patient"].unique())
+    recomputed = split_patients(df, seed=7)["test"]
     metrics["splits"]["test"] = [p for p in patients if p not in recomputed][:2]
     (model_dir / "metrics.json").write_text(json.dumps(metrics))
     data = ["--data-dir", str(trained_run / "synthetic"), "--model", str(model_dir), "--json"]

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from unet.data import DatasetError, binary_mask, find_kaggle_3m, scan_dataset
+from unet.data import DatasetError, binary_mask, example_slices, find_kaggle_3m, scan_dataset
 from unet.evaluate import recorded_metrics
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
 from unet.inference import (keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference,
@@ -407,26 +407,26 @@ class Example:
     synthetic: bool
 
 
-def find_examples(folder: Path, limit: int = 6, held_out: list[str] | None = None) -> list[tuple[Path, Path | None, str]]:
-    """(image, reference mask or None, 'tumor'|'healthy'|'') from a folder of images or a kaggle_3m folder.
+def find_examples(folder: Path, limit: int = 6,
+                  held_out: list[str] | None = None) -> tuple[list[tuple[Path, Path | None, str]], bool]:
+    """(image, reference mask or None, 'tumor'|'healthy'|'') from a folder of images or a kaggle_3m folder,
+    and whether they are all slices of the ``held_out`` patients (the model's test split).
 
-    From a kaggle_3m folder: the largest tumors and the most central tumor-free slices, one per patient,
-    taken from the ``held_out`` patients (the model's test split) where the folder has them, so the
-    Dice shown on an example is not that of a slice the model learned.
+    From a kaggle_3m folder: the slices `unet.data.example_slices` picks (as `unet.push` does), taken
+    from the ``held_out`` patients where the folder has them, so the Dice shown on an example is not
+    that of a slice the model learned.
     """
     root = find_kaggle_3m(folder)
     if any(root.glob("*/*_mask.tif")):
         df = scan_dataset(root, check_images=False)
-        if held_out and df["patient"].isin(held_out).any():
-            df = df[df["patient"].isin(held_out)].copy()
-            log.info("examples from the model's held-out test patients in %s", root)
+        from_held_out = bool(held_out) and df["patient"].isin(held_out).any()
+        if from_held_out:
+            df = df[df["patient"].isin(held_out)]
         else:
             log.warning("none of the model's test patients are in %s: examples may be slices it trained on", root)
-        df["middle"] = (df["slice"] - df.groupby("patient")["slice"].transform("median")).abs()
-        tumor = df[df["has_tumor"]].sort_values("tumor_pixels", ascending=False).drop_duplicates("patient").head(limit // 2)
-        healthy = df[~df["has_tumor"]].sort_values(["middle", "patient"]).drop_duplicates("patient").head(limit // 2)
-        return ([(Path(r.image_path), Path(r.mask_path), "tumor") for r in tumor.itertuples()]
-                + [(Path(r.image_path), Path(r.mask_path), "healthy") for r in healthy.itertuples()])
+        chosen = example_slices(df, tumor=limit // 2, healthy=limit // 2)
+        return [(Path(r.image_path), Path(r.mask_path), "tumor" if r.has_tumor else "healthy")
+                for r in chosen.itertuples()], from_held_out
     found = []
     for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_mask"):
@@ -436,14 +436,17 @@ def find_examples(folder: Path, limit: int = 6, held_out: list[str] | None = Non
         found.append((path, mask, kind))
     picked = [f for f in found if f[2] == "tumor"][:limit // 2] + [f for f in found if f[2] == "healthy"][:limit // 2]
     picked += [f for f in found if f not in picked][:limit - len(picked)]
-    return sorted(picked, key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2))
+    return sorted(picked, key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2)), False
 
 
-def prepare_examples(folder: Path, out_dir: Path, synthetic: bool, held_out: list[str] | None = None) -> list[Example]:
-    """Decode each example (TIFF included) once and write PNG copies the browser can show."""
+def prepare_examples(folder: Path, out_dir: Path, synthetic: bool,
+                     held_out: list[str] | None = None) -> tuple[list[Example], bool]:
+    """Decode each example (TIFF included) once and write PNG copies the browser can show; and
+    whether they are slices of the ``held_out`` patients."""
     out_dir.mkdir(parents=True, exist_ok=True)
     examples, counts = [], {}
-    for i, (path, mask_path, kind) in enumerate(find_examples(folder, held_out=held_out)):
+    found, from_held_out = find_examples(folder, held_out=held_out)
+    for i, (path, mask_path, kind) in enumerate(found):
         try:
             sl = load_slice(path)
             mask = load_mask(read_upload(mask_path), mask_path.name) if mask_path else None
@@ -464,7 +467,7 @@ def prepare_examples(folder: Path, out_dir: Path, synthetic: bool, held_out: lis
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_out)
         counts[kind] = counts.get(kind, 0) + 1
         examples.append(Example(image_out, mask_out, f"{kind.capitalize() or 'Example'} {counts[kind]}", synthetic))
-    return examples
+    return examples, from_held_out
 
 
 def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> tuple[Path, str, bool]:
@@ -511,11 +514,13 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     except DatasetError as error:  # the model still serves; only the choice of examples needs the record
         log.warning("%s: examples may be slices the model trained on", error)
         held_out = None
-    examples = prepare_examples(folder, work / "examples", synthetic, held_out)
+    examples, from_test_patients = prepare_examples(folder, work / "examples", synthetic, held_out)
+    if from_test_patients:
+        source += ", the model's test patients"
     if not examples and folder != PROJECT_EXAMPLES_DIR:
         log.warning("no usable examples in %s; using the project's synthetic examples", folder)
         folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
-        examples = prepare_examples(folder, work / "examples", synthetic)
+        examples, _ = prepare_examples(folder, work / "examples", synthetic)
     log.info("%d examples %s", len(examples), source)
     default_threshold = round(float(model.threshold), 2)
 

@@ -120,6 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def given_on_command_line(argv: list[str] | None) -> set[str]:
+    """The settings the command line named, even where it gave their default value."""
+    parser = build_parser()
+    unset = object()  # argparse leaves a setting that the namespace already holds alone unless the line names it
+    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    parsed = parser.parse_args(sys.argv[1:] if argv is None else argv, namespace=namespace)
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
+
+
 def training_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run: every setting that differs from its default."""
     parser = build_parser()
@@ -277,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved = state["args"]
         # The data, split and model of a run are fixed by its first start; the length may change.
-        defaults = build_parser()
+        given = given_on_command_line(argv)
         for key in vars(args):
             if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
                            "private", "revision", "data_dir", "out_dir"):
                 value = saved.get(key, getattr(args, key))  # runs older than a flag lack it
-                if getattr(args, key) not in (value, defaults.get_default(key)):
+                if key in given and getattr(args, key) != value:
                     log.warning("--resume keeps the run's --%s %s; the %s given is ignored", key.replace("_", "-"),
                                 value, getattr(args, key))
                 setattr(args, key, value)

@@ -290,8 +290,8 @@ def test_volume_tab_says_when_the_model_keeps_the_largest_3d_component(serving, 
 def test_examples_from_the_project_are_synthetic(serving, tmp_path):
     folder, source, synthetic = app.choose_examples(serving, None)
     assert folder == app.PROJECT_EXAMPLES_DIR and synthetic and "synthetic" in source
-    examples = app.prepare_examples(folder, tmp_path, synthetic)
-    assert [e.caption for e in examples] == ["Tumor 1", "Tumor 2", "Healthy 1", "Healthy 2"]
+    examples, from_test_patients = app.prepare_examples(folder, tmp_path, synthetic)
+    assert [e.caption for e in examples] == ["Tumor 1", "Tumor 2", "Healthy 1", "Healthy 2"] and not from_test_patients
     for e in examples:
         assert e.image.suffix == ".png" and e.mask is not None and e.synthetic
         assert Image.open(e.image).mode == "RGB"
@@ -300,11 +300,11 @@ def test_examples_from_the_project_are_synthetic(serving, tmp_path):
 def test_examples_from_a_kaggle_folder(serving, synthetic_dir, tmp_path):
     folder, _, synthetic = app.choose_examples(serving, synthetic_dir.parent)
     assert not synthetic
-    found = app.find_examples(folder)
+    found, _ = app.find_examples(folder)
     kinds = [kind for _, _, kind in found]
     assert kinds == ["tumor"] * 3 + ["healthy"] * 3
     assert all(mask is not None and mask.is_file() for _, mask, _ in found)
-    examples = app.prepare_examples(folder, tmp_path, synthetic)  # TIFF slices become PNG copies
+    examples, _ = app.prepare_examples(folder, tmp_path, synthetic)  # TIFF slices become PNG copies
     assert len(examples) == 6 and all(e.image.suffix == ".png" for e in examples)
     tumor_mask = np.asarray(Image.open(examples[0].mask))
     assert tumor_mask.any() and not np.asarray(Image.open(examples[-1].mask)).any()
@@ -316,11 +316,14 @@ def test_kaggle_examples_come_from_the_models_test_patients(serving, synthetic_d
     folder, _, _ = app.choose_examples(serving, synthetic_dir.parent)
     patients = sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir())
     held_out = patients[:3]  # 3 patients with tumor and healthy slices
-    found = app.find_examples(folder, held_out=held_out)
-    assert found and {path.parent.name for path, _, _ in found} <= set(held_out)
-    assert {path.parent.name for path, _, _ in app.find_examples(folder)} - set(held_out)  # without: any patient
+    found, from_test_patients = app.find_examples(folder, held_out=held_out)
+    assert from_test_patients and {path.parent.name for path, _, _ in found} <= set(held_out)
+    assert [kind for _, _, kind in found] == ["tumor"] * 3 + ["healthy"] * 3  # the same rule as unet.push
+    found, from_test_patients = app.find_examples(folder)
+    assert not from_test_patients and {path.parent.name for path, _, _ in found} - set(held_out)  # any patient
     # a folder without any of them falls back to all patients (and logs a warning)
-    assert len(app.find_examples(folder, held_out=["NOT_HERE"])) == 6
+    found, from_test_patients = app.find_examples(folder, held_out=["NOT_HERE"])
+    assert len(found) == 6 and not from_test_patients
 
 
 # --- flags and startup ---------------------------------------------------------------------

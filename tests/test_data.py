@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from unet.data import (DatasetError, LGGDataset, eval_transforms, flair_only, normalize, read_image, read_mask, scan_dataset,
-                       split_patients, train_transforms)
+from unet.data import (DatasetError, LGGDataset, eval_transforms, example_slices, flair_only, normalize, read_image, read_mask,
+                       scan_dataset, split_patients, train_transforms)
 from unet.model import LGG_MEAN, LGG_STD
 from unet.synthetic import make_synthetic_dataset
 
@@ -232,3 +232,12 @@ def test_gamma_augmentation_is_opt_in_and_survives_slice_normalisation():
         return max(float((normalize(transform(image=ramp)["image"], (0,) * 3, (1,) * 3, "slice") - before).abs().max())
                    for _ in range(20))
     assert change(brightness_contrast) < 0.03 < 0.08 < change(gamma)
+
+
+def test_examples_are_tumor_and_healthy_slices_of_different_patients(synthetic_dir):
+    frame = scan_dataset(synthetic_dir, check_images=False)
+    chosen = example_slices(frame)
+    tumor, healthy = chosen[chosen["has_tumor"]], chosen[~chosen["has_tumor"]]
+    assert len(tumor) == 3 and tumor["patient"].nunique() == 3
+    assert len(healthy) == 2 and healthy["patient"].nunique() == 2
+    assert chosen.equals(example_slices(frame.sample(frac=1, random_state=0)).loc[chosen.index])

@@ -30,7 +30,7 @@ from unet import hub
 from unet.card import card_data
 from unet.data import read_image, read_mask
 from unet.model import load_model
-from unet.push import examples_frame, push_model, select_examples
+from unet.push import examples_frame, push_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = "hf_test_alice_0123456789", "hf_test_bob_0123456789"
@@ -320,17 +320,6 @@ def test_card_explains_the_volume_step_only_when_the_config_has_it():
     off = model_card_text(metrics, {"threshold": 0.6, "largest_3d_component": False})
     assert "largest 3D component per patient on" in on and "demo's volume tab apply it" in on
     assert "largest 3D component per patient off" in off and "volume tab" not in off
-
-
-def test_examples_are_tumor_and_healthy_slices_of_different_patients(synthetic_dir):
-    from unet.data import scan_dataset
-
-    frame = scan_dataset(synthetic_dir, check_images=False)
-    chosen = select_examples(frame)
-    tumor, healthy = chosen[chosen["has_tumor"]], chosen[~chosen["has_tumor"]]
-    assert len(tumor) == 3 and tumor["patient"].nunique() == 3
-    assert len(healthy) == 2 and healthy["patient"].nunique() == 2
-    assert chosen.equals(select_examples(frame.sample(frac=1, random_state=0)).loc[chosen.index])
 
 
 # ---- the whole path, as a user runs it ---------------------------------------------------------------

@@ -167,8 +167,11 @@ def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, capl
     caplog.set_level(logging.WARNING, logger="train")
     assert train.main([*base, "--epochs", "2", "--width", "8", "--resume"]) == 0
     assert "--resume keeps the run's --width 4; the 8 given is ignored" in caplog.text
+    assert train.main([*base, "--epochs", "3", "--width", "16", "--resume"]) == 0  # 16 is the default: still named
+    assert "--resume keeps the run's --width 4; the 16 given is ignored" in caplog.text
+    assert "--image-size" not in caplog.text  # named again with the run's own value: nothing to say
     assert json.loads((out / "model" / "config.json").read_text())["width"] == 4
-    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
 
 
 def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):

@@ -270,6 +270,23 @@ class LGGDataset(Dataset):
         return normalize(out["image"], self.mean, self.std, self.normalization), mask
 
 
+def example_slices(frame: pd.DataFrame, tumor: int = 3, healthy: int = 2) -> pd.DataFrame:
+    """A few slices to show in the app: the largest tumor of each of ``tumor`` patients, and
+    ``healthy`` tumor-free slices from mid-brain (the ends of a stack are nearly empty).
+
+    Different patients first; deterministic for a given frame.
+    """
+    def spread(rows: pd.DataFrame, n: int) -> pd.DataFrame:
+        firsts = rows.drop_duplicates("patient")
+        return pd.concat([firsts, rows.drop(firsts.index)]).head(n)
+
+    tumors = frame[frame["has_tumor"]].sort_values(["tumor_pixels", "patient", "slice"], ascending=[False, True, True])
+    middle = frame.groupby("patient")["slice"].transform("median")
+    healthy_rows = frame[~frame["has_tumor"]].assign(offset=(frame["slice"] - middle).abs())
+    healthy_rows = healthy_rows.sort_values(["offset", "patient", "slice"]).drop(columns="offset")
+    return pd.concat([spread(tumors, tumor), spread(healthy_rows, healthy)])
+
+
 def channel_stats(df: pd.DataFrame) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the slices in [0, 1], for the model's config."""
     total = np.zeros(3)

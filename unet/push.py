@@ -30,7 +30,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
 from unet.card import model_card_text
-from unet.data import DatasetError, read_image, read_mask, scan_dataset
+from unet.data import DatasetError, example_slices, read_image, read_mask, scan_dataset
 from unet.evaluate import recorded_metrics
 from unet.hub import NETWORK_ERRORS, hub_endpoint, use_short_timeouts
 
@@ -38,23 +38,6 @@ log = logging.getLogger(__name__)
 
 # Published from the model folder when present (the examples are made separately).
 PUBLISHED_FILES = ["config.json", "model.safetensors", "README.md", "metrics.json", "curves.png"]
-
-
-def select_examples(frame: pd.DataFrame, tumor: int = 3, healthy: int = 2) -> pd.DataFrame:
-    """A few slices for the app: the largest tumor of each of ``tumor`` patients, and
-    ``healthy`` tumor-free slices from mid-brain (the ends of a stack are nearly empty).
-
-    Different patients first; deterministic for a given frame.
-    """
-    def spread(rows: pd.DataFrame, n: int) -> pd.DataFrame:
-        firsts = rows.drop_duplicates("patient")
-        return pd.concat([firsts, rows.drop(firsts.index)]).head(n)
-
-    tumors = frame[frame["has_tumor"]].sort_values(["tumor_pixels", "patient", "slice"], ascending=[False, True, True])
-    middle = frame.groupby("patient")["slice"].transform("median")
-    healthy_rows = frame[~frame["has_tumor"]].assign(offset=(frame["slice"] - middle).abs())
-    healthy_rows = healthy_rows.sort_values(["offset", "patient", "slice"]).drop(columns="offset")
-    return pd.concat([spread(tumors, tumor), spread(healthy_rows, healthy)])
 
 
 def write_examples(frame: pd.DataFrame, folder: Path) -> list[str]:
@@ -84,7 +67,7 @@ def stage(model_dir: Path, staging: Path, repo_id: str, examples: pd.DataFrame |
     if not readme.is_file() or readme.read_text() == model_card_text(metrics, config):
         (staging / "README.md").write_text(model_card_text(metrics, config, repo_id))
     if examples is not None and len(examples):
-        write_examples(select_examples(examples), staging / "examples")
+        write_examples(example_slices(examples), staging / "examples")
     elif (model_dir / "examples").is_dir():
         shutil.copytree(model_dir / "examples", staging / "examples")
     return sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())

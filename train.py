@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: %(default)s)")
     opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's (default: %(default)s)")
     opt.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay (default: %(default)s)")
+    opt.add_argument("--fn-weight", type=float, default=0.5,
+                     help="weight of a missed tumor pixel against a false-positive one in the overlap term of the loss: "
+                          "0.5 is Dice, above it a Tversky loss that favours recall, e.g. 0.7 (default: %(default)s)")
     opt.add_argument("--ema", type=float, default=0.0,
                      help="validate, keep and ship an exponential moving average of the weights with this decay per "
                           "step, e.g. 0.999; 0 turns it off (default: %(default)s)")
@@ -117,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.push and not args.repo_id:
         p.error("--push needs --repo-id USER/NAME")
+    if not 0 < args.fn_weight < 1:
+        p.error(f"--fn-weight must lie between 0 and 1, not {args.fn_weight}")
     return args
 
 
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, int(args.warmup_epochs * steps_per_epoch), total_steps))
-    loss_fn = BCEDiceLoss()
+    loss_fn = BCEDiceLoss(fn_weight=args.fn_weight)
     dtype = autocast_dtype(device, args.precision)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     # fp16 autocast (a GPU without bf16) needs loss scaling; bf16 and fp32 do not.

@@ -22,6 +22,16 @@ def test_dice_loss_by_hand():
     assert dice_loss((1 - target * 2) * 50, target).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
 
 
+def test_tversky_weight_makes_a_missed_pixel_cost_more_than_a_false_positive():
+    target = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]])
+    missed_one = torch.tensor([[[[50.0, -50.0, -50.0, -50.0]]]])  # overlap 1, one tumor pixel missed
+    one_extra = torch.tensor([[[[50.0, 50.0, 50.0, -50.0]]]])  # overlap 2, one false-positive pixel
+    assert dice_loss(missed_one, target, fn_weight=0.7).item() == pytest.approx(1 - 3 / (3 + 2 * 0.7), abs=1e-6)
+    assert dice_loss(one_extra, target, fn_weight=0.7).item() == pytest.approx(1 - 5 / (5 + 2 * 0.3), abs=1e-6)
+    assert dice_loss(missed_one, target, fn_weight=0.5).item() == pytest.approx(1 - 3 / 4, abs=1e-6)  # Dice
+    assert BCEDiceLoss(fn_weight=0.7)(missed_one, target) > BCEDiceLoss()(missed_one, target)
+
+
 def test_dice_loss_on_empty_target_rewards_empty_prediction():
     target = torch.zeros(1, 1, 4, 4)
     assert dice_loss(torch.full((1, 1, 4, 4), -50.0), target).item() == pytest.approx(0, abs=1e-6)

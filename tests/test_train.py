@@ -351,3 +351,17 @@ def test_weight_average_is_what_gets_kept_and_it_resumes_exactly(tmp_path, monke
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
     assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
     assert all(torch.equal(resumed["ema"][k], whole["ema"][k]) for k in whole["ema"])
+
+
+def test_fn_weight_changes_the_loss_trained_on_and_is_recorded(tmp_path, capsys):
+    def losses(name: str, *extra: str) -> list[float]:
+        out = tmp_path / name
+        assert train.main(["--synthetic", "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4", "--image-size",
+                           "64", "--width", "4", "--no-tune", "--out-dir", str(out), *extra]) == 0
+        return pd.read_csv(out / "history.csv")["train_loss"].tolist()
+
+    assert losses("tversky", "--fn-weight", "0.8") != losses("dice")  # same seed, same batches: only the loss differs
+    assert "--fn-weight 0.8" in json.loads((tmp_path / "tversky" / "model" / "metrics.json").read_text())["command"]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--fn-weight", "1.5"])
+    assert "--fn-weight must lie between 0 and 1, not 1.5" in capsys.readouterr().err

@@ -154,7 +154,9 @@ def load_mask(data: bytes, name: str) -> np.ndarray:
     """Reference mask file bytes -> HxW bool; InputError (one line) if it is not a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return binary_mask(np.asarray(im.convert("L")))
+            im = ImageOps.exif_transpose(im)  # as the image is turned, so must its mask be
+            # Colour as it is: a gray conversion would weigh a pure red mask down to 76, under the cut.
+            return binary_mask(np.asarray(im if im.mode in ("1", "L") else im.convert("RGB")))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise InputError(f"{name}: the mask is not a readable image") from None
 
@@ -226,8 +228,10 @@ def segment_image(model: UNet, path: str | Path, threshold: float | None = None,
     ``threshold`` defaults to the model's; ``reference_path`` adds the Dice against that mask.
     Raises InputError (one line) for anything that is not a usable image.
     """
-    sl = load_slice(path)
     threshold = model.threshold if threshold is None else float(threshold)
+    if not 0 < threshold < 1:  # NaN fails this too
+        raise InputError(f"threshold {threshold}: a probability cut strictly between 0 and 1")
+    sl = load_slice(path)
     reference = None
     if reference_path is not None:
         reference = load_mask(read_upload(reference_path), Path(reference_path).name)
@@ -436,7 +440,9 @@ def find_examples(folder: Path, limit: int = 6,
         found.append((path, mask, kind))
     picked = [f for f in found if f[2] == "tumor"][:limit // 2] + [f for f in found if f[2] == "healthy"][:limit // 2]
     picked += [f for f in found if f not in picked][:limit - len(picked)]
-    return sorted(picked, key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2)), False
+    # unet.push names its examples <PATIENT>_<n>_<kind>: which split they came from is read off the name.
+    from_held_out = bool(held_out and picked) and all(path.stem.rsplit("_", 2)[0] in held_out for path, _, _ in picked)
+    return sorted(picked, key=lambda item: {"tumor": 0, "healthy": 1}.get(item[2], 2)), from_held_out
 
 
 def prepare_examples(folder: Path, out_dir: Path, synthetic: bool,
@@ -478,7 +484,7 @@ def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> t
             raise FileNotFoundError(f"examples folder not found: {folder}")
         return folder, f"from {folder.name}", False
     if serving.examples_dir is not None:
-        return serving.examples_dir, "held-out test patients", False
+        return serving.examples_dir, "from the model's repo", False
     return PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
 
 

@@ -7,7 +7,7 @@
 The run folder holds ``last.pt`` (everything needed to resume, written every epoch and every
 ``--checkpoint-every`` steps), ``best/`` (the best validation epoch), ``history.csv``,
 ``curves.png`` and, at the end, ``model/``: the final model in the Hub layout (config.json,
-model.safetensors, README.md model card, metrics.json), ready for ``unet.evaluate``, the app
+model.safetensors, README.md model card, metrics.json, curves.png), ready for ``unet.evaluate``, the app
 or ``--push``.
 """
 from __future__ import annotations
@@ -122,6 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--push needs --repo-id USER/NAME")
     if not 0 < args.fn_weight < 1:
         p.error(f"--fn-weight must lie between 0 and 1, not {args.fn_weight}")
+    if not 0 <= args.tumor_fraction <= 1:
+        p.error(f"--tumor-fraction is a share of each batch, from 0 to 1, not {args.tumor_fraction}")
+    if args.epochs < 1 or args.patience < 1:
+        p.error("--epochs and --patience must be at least 1")
+    if args.fold and not args.folds:
+        p.error(f"--fold {args.fold} needs --folds K (the number of folds)")
+    if args.image_size % 2**args.depth:
+        p.error(f"--image-size {args.image_size} must be a multiple of 2**depth = {2**args.depth}")
     return args
 
 
@@ -461,18 +469,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for key, value in tune_postprocessing(model, frames["val"], args.tta, args.precision).items():
             setattr(model, key, value)
-    val = {} if args.train_on_val else evaluate_model(model, frames["val"], precision=args.precision, progress=False)
-    test, test_per_slice = {}, {}
-    if len(frames["test"]):
-        probs, targets = predict_frame(model, frames["test"], precision=args.precision)  # once, for both post-processings
-        post = (probs, targets, frames["test"], model.threshold, model.min_component_area)
-        test = score(*post, model.largest_3d_component, model.image_size)
-        if model.largest_3d_component:  # beside it, the masks a single uploaded slice gets
-            test_per_slice = score(*post, False, model.image_size)
+
+    def scores(frame: pd.DataFrame) -> tuple[dict, dict]:
+        """The model's metrics and, with the 3D step on, beside them those of the masks a single uploaded slice gets."""
+        if not len(frame):
+            return {}, {}
+        probs, targets = predict_frame(model, frame, precision=args.precision)  # once, for both post-processings
+        post = (probs, targets, frame, model.threshold, model.min_component_area)
+        per_slice = score(*post, False, model.image_size) if model.largest_3d_component else {}
+        return score(*post, model.largest_3d_component, model.image_size), per_slice
+
+    val, val_per_slice = ({}, {}) if args.train_on_val else scores(frames["val"])
+    test, test_per_slice = scores(frames["test"])
     metrics = {
         "test": test,
         "test_per_slice": test_per_slice,
         "val": val,
+        "val_per_slice": val_per_slice,
         "best_epoch": state["best_epoch"],
         "trained_on": ["train", "val"] if args.train_on_val else ["train"],
         "epochs_trained": state["epoch"],

@@ -114,6 +114,13 @@ def test_dice_against_reference(model, phantom, tmp_path):
     # The prediction scored against itself is perfect.
     Image.fromarray(mask).save(tmp_path / "own_mask.png")
     assert app.segment_image(model, path, 0.3, reference_path=tmp_path / "own_mask.png")[2]["dice"] == 1.0
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(app.InputError, match="strictly between 0 and 1"):
+            app.segment_image(model, path, bad)
+    red = np.zeros((*mask.shape, 3), np.uint8)
+    red[..., 0] = mask  # a mask drawn in red in an image editor: the same mask
+    Image.fromarray(red).save(tmp_path / "red_mask.png")
+    assert app.segment_image(model, path, 0.3, reference_path=tmp_path / "red_mask.png")[2]["dice"] == 1.0
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
     with pytest.raises(app.InputError, match="reference mask is 10x10"):
         app.segment_image(model, path, reference_path=tmp_path / "small_mask.png")
@@ -324,6 +331,18 @@ def test_kaggle_examples_come_from_the_models_test_patients(serving, synthetic_d
     # a folder without any of them falls back to all patients (and logs a warning)
     found, from_test_patients = app.find_examples(folder, held_out=["NOT_HERE"])
     assert len(found) == 6 and not from_test_patients
+
+
+def test_published_examples_are_called_test_patients_only_when_they_are(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    for stem in ("TCGA_AA_0001_20000101_7_tumor", "TCGA_BB_0002_20000101_3_healthy"):  # as unet.push names them
+        Image.fromarray(image).save(tmp_path / f"{stem}.png")
+        Image.fromarray(image[..., 0]).save(tmp_path / f"{stem}_mask.png")
+    found, from_test_patients = app.find_examples(tmp_path, held_out=["TCGA_AA_0001_20000101", "TCGA_BB_0002_20000101"])
+    assert len(found) == 2 and from_test_patients
+    _, from_test_patients = app.find_examples(tmp_path, held_out=["TCGA_AA_0001_20000101"])  # one is not a test patient
+    assert not from_test_patients
+    assert not app.find_examples(tmp_path)[1]
 
 
 # --- flags and startup ---------------------------------------------------------------------

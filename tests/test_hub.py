@@ -239,6 +239,15 @@ def test_pickle_only_repo_is_refused(hub_env, model_copy, tmp_path):
         load_model("alice/pickled")
 
 
+def test_repo_without_config_is_refused(hub_env, model_copy):
+    api = HfApi(endpoint=hub_env.url)
+    api.create_repo("alice/no-config")
+    api.upload_file(repo_id="alice/no-config", path_or_fileobj=model_copy / "model.safetensors",
+                    path_in_repo="model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model repo alice/no-config has no config.json"):
+        load_model("alice/no-config")
+
+
 def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch):
     assert push_model(model_copy, "alice/unet-cached") == 0
     online = hub.load_for_serving("alice/unet-cached")

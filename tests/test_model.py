@@ -81,19 +81,34 @@ def test_loading_is_strict(tmp_path):
     missing = dict(weights)
     missing.pop("head.weight")
     save_file(missing, tmp_path / "model.safetensors")
-    with pytest.raises(RuntimeError, match="head.weight"):
+    with pytest.raises(ValueError, match="head.weight"):
         load_model(str(tmp_path))
     save_file({**weights, "extra.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
-    with pytest.raises(RuntimeError, match="extra.weight"):
+    with pytest.raises(ValueError, match="extra.weight"):
         load_model(str(tmp_path))
 
 
-def test_config_that_does_not_match_weights_is_an_error(tmp_path):
+def test_a_broken_model_folder_is_a_one_line_error_naming_the_file(tmp_path):
     UNet(width=8, depth=2).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "width": 16}))
-    with pytest.raises(RuntimeError):
-        load_model(str(tmp_path))
+    config_path, weights_path = tmp_path / "config.json", tmp_path / "model.safetensors"
+    config, weights = config_path.read_text(), weights_path.read_bytes()
+
+    def error_of(exception: type[Exception]) -> str:
+        with pytest.raises(exception) as caught:
+            load_model(str(tmp_path))
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    config_path.write_text(json.dumps({**json.loads(config), "width": 16}))  # weights of a width-8 net
+    assert error_of(ValueError).startswith(f"{weights_path} does not fit {config_path}: size mismatch for ")
+    config_path.write_text(config[:-5])
+    assert error_of(ValueError).startswith(f"{config_path} is not valid JSON")
+    config_path.write_text(config)
+    weights_path.write_bytes(weights[:1000])
+    assert error_of(ValueError).startswith(f"{weights_path} is not a readable safetensors file")
+    weights_path.write_bytes(weights)
+    config_path.unlink()  # the constructor's defaults are another model: refused, not guessed
+    assert error_of(FileNotFoundError) == f"no config.json in model folder {tmp_path}"
 
 
 def test_folder_without_safetensors_is_refused(tmp_path):

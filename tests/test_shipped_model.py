@@ -79,7 +79,7 @@ def test_readme_states_the_shipped_numbers():
     metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
     start = readme.index("## Results")
     section = readme[start:readme.index("**Cross-validation", start)]
-    for split in ("test", "test_per_slice", "val"):
+    for split in ("test", "test_per_slice", "val", "val_per_slice"):
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
             assert re.search(rf"\b{metrics[split][key]:.3f}\b", section), (split, key)
         low, high = metrics[split]["patient_dice_ci95"]

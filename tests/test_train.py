@@ -112,6 +112,14 @@ def test_evaluate_cli_errors_are_one_line(trained_run, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_evaluate_refuses_a_fold_without_the_number_of_folds(capsys):
+    from unet import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data-dir", "anywhere", "--model", "any/model", "--fold", "2"])
+    assert "--fold 2 needs --folds K" in capsys.readouterr().err
+
+
 def test_train_on_val_fits_train_and_val_patients_and_keeps_the_last_epoch(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="train")
     out = tmp_path / "final"
@@ -130,7 +138,9 @@ def test_train_on_val_fits_train_and_val_patients_and_keeps_the_last_epoch(tmp_p
     shipped = load_model(str(out / "model")).state_dict()
     last = torch.load(out / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(shipped[k], last[k]) for k in last)
-    assert "trained on the training and validation patients" in (out / "model" / "README.md").read_text()
+    card = (out / "model" / "README.md").read_text()
+    assert "trained on the training and validation patients" in card
+    assert f"Trained on {len(metrics['splits']['train']) + len(metrics['splits']['val'])} patients" in card
     caplog.set_level(logging.WARNING, logger="unet.evaluate")
     from unet.evaluate import main as evaluate_main
     assert evaluate_main(["--data-dir", str(out / "synthetic"), "--model", str(out / "model"), "--split", "val"]) == 0
@@ -353,6 +363,17 @@ def test_weight_average_is_what_gets_kept_and_it_resumes_exactly(tmp_path, monke
     assert all(torch.equal(resumed["ema"][k], whole["ema"][k]) for k in whole["ema"])
 
 
+def test_with_the_3d_step_the_slice_by_slice_scores_are_recorded_beside(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--synthetic", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "64",
+                       "--width", "4", "--no-tune", "--largest-3d-component", "--out-dir", str(out)]) == 0
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        on, off = metrics[split], metrics[f"{split}_per_slice"]
+        assert on["largest_3d_component"] is True and off["largest_3d_component"] is False
+        assert on["patients"] == off["patients"] == len(metrics["splits"][split])
+
+
 def test_fn_weight_changes_the_loss_trained_on_and_is_recorded(tmp_path, capsys):
     def losses(name: str, *extra: str) -> list[float]:
         out = tmp_path / name
@@ -362,6 +383,17 @@ def test_fn_weight_changes_the_loss_trained_on_and_is_recorded(tmp_path, capsys)
 
     assert losses("tversky", "--fn-weight", "0.8") != losses("dice")  # same seed, same batches: only the loss differs
     assert "--fn-weight 0.8" in json.loads((tmp_path / "tversky" / "model" / "metrics.json").read_text())["command"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fn-weight", "1.5"], "--fn-weight must lie between 0 and 1, not 1.5"),
+    (["--tumor-fraction", "2"], "--tumor-fraction is a share of each batch, from 0 to 1, not 2.0"),
+    (["--epochs", "0"], "--epochs and --patience must be at least 1"),
+    (["--fold", "3"], "--fold 3 needs --folds K"),
+    (["--image-size", "100"], "--image-size 100 must be a multiple of 2**depth = 16"),
+    (["--push"], "--push needs --repo-id USER/NAME"),
+])
+def test_settings_that_cannot_work_are_refused_before_any_data_is_read(args, message, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--fn-weight", "1.5"])
-    assert "--fn-weight must lie between 0 and 1, not 1.5" in capsys.readouterr().err
+        train.parse_args(args)
+    assert message in capsys.readouterr().err

@@ -111,6 +111,8 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
                    "\n  a single slice on its own gets the per-slice steps only."
                    if config.get("largest_3d_component") else "")
     post_note = f"\n- Post-processing: {metrics['post_processing']}." if metrics.get("post_processing") else ""
+    splits = metrics.get("splits") or {}
+    trained_patients = sum(len(splits.get(name, [])) for name in metrics.get("trained_on") or ["train"])
     if "val" in (metrics.get("trained_on") or []):
         epochs_note = "the last one kept; trained on the training and validation patients, so nothing was selected on validation"
     else:
@@ -181,7 +183,7 @@ post-processing in `config.json`.{per_slice_note}
 ## Intended use and limitations
 
 - Intended for research and teaching on brain MRI segmentation, and as a demo.
-- Trained on {len((metrics.get('splits') or {}).get('train', []))} patients from a few institutions of one public
+- Trained on {trained_patients} patients from a few institutions of one public
   dataset (TCGA lower-grade glioma, FLAIR-based masks by one annotator); expect lower accuracy on other scanners,
   protocols, tumor types, on post-operative or pediatric brains, and on slices not preprocessed like the dataset's
   (skull, orientation and the 3-channel stacking matter).

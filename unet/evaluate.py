@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv and (given := given_options(args, (*SPLIT_OPTIONS, "revision"))):
         parser.error(f"--cv tests each fold's model on the test patients it recorded: "
                      f"--{given[0].replace('_', '-')} does not apply")
+    if args.fold and not args.folds:
+        parser.error(f"--fold {args.fold} needs --folds K (the number of folds)")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -113,6 +113,8 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
         raise OSError(f"pull of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip()) from None
 
     files = {sibling.rfilename for sibling in info.siblings or []}
+    if "config.json" not in files:
+        raise FileNotFoundError(f"model repo {where} has no config.json")
     if "model.safetensors" not in files:
         pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
         raise FileNotFoundError(f"model repo {where} has no model.safetensors"
@@ -139,18 +141,22 @@ def _cached_copy(repo_id: str, revision: str | None, reason: str) -> tuple[Path,
 
 
 def resolve_model_dir(source: str, revision: str | None = None) -> Path:
-    """A local folder as it is, else a Hub snapshot (safetensors and config only)."""
+    """A local folder as it is, else a Hub snapshot (the files of ``MODEL_FILES``); either must hold
+    ``config.json`` and ``model.safetensors``."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"no model.safetensors in model folder {path}")
-        return path
-    if not is_repo_id(source):
-        raise FileNotFoundError(f"{source!r} is neither a model folder nor a Hub repo id (USER/NAME)")
-    try:
-        return pull_model(source, revision)[0]
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"no model folder {source!r} here, and {error}") from None
+    if not path.is_dir():
+        if not is_repo_id(source):
+            raise FileNotFoundError(f"{source!r} is neither a model folder nor a Hub repo id (USER/NAME)")
+        try:
+            path = pull_model(source, revision)[0]
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"no model folder {source!r} here, and {error}") from None
+    # Without its config a model would load with the constructor's defaults: another normalisation
+    # and post-processing than it was trained and tuned with.
+    missing = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {' or '.join(missing)} in model folder {path}")
+    return path
 
 
 @dataclass

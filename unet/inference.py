@@ -2,7 +2,9 @@
 
 The model's config (see `unet.model.UNet`) fixes channel order, normalisation, input size,
 threshold, small-component removal and flip test-time augmentation, so evaluate, the app
-and the benchmarks all produce the same mask from the same slice.
+and the benchmarks all produce the same mask from the same slice. The one step that needs a
+patient's other slices, the largest 3D component, is `keep_largest_volume_component`, applied
+where whole volumes are segmented (evaluate, the app's volume tab), never by `segment`.
 """
 from __future__ import annotations
 

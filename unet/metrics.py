@@ -1,7 +1,7 @@
 """Segmentation metrics, computed in one place so train, evaluate and benchmarks agree.
 
 Everything derives from three pixel counts per slice (intersection, predicted, reference),
-so a whole evaluation never holds more than one batch of masks.
+so the metrics themselves need no masks once those are counted.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import SafetensorError
 from torch import nn
 
 # Per-channel statistics of the LGG training slices scaled to [0, 1] (channel order
@@ -147,9 +148,20 @@ def load_model(source: str, revision: str | None = None, device: str | torch.dev
     from unet.hub import resolve_model_dir
 
     model_dir = resolve_model_dir(source, revision=revision)
-    # The mixin print()s "Loading weights from local directory": dropped, stdout is for results (--json).
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = UNet.from_pretrained(model_dir, strict=True, map_location=str(device))
+    config, weights = model_dir / "config.json", model_dir / "model.safetensors"
+    try:
+        # The mixin print()s "Loading weights from local directory": dropped, stdout is for results (--json).
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = UNet.from_pretrained(model_dir, strict=True, map_location=str(device))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config} is not valid JSON ({error})") from None
+    except TypeError as error:  # a key the UNet does not take
+        raise ValueError(f"{config} does not describe this UNet ({error})") from None
+    except SafetensorError as error:
+        raise ValueError(f"{weights} is not a readable safetensors file ({error})") from None
+    except RuntimeError as error:  # strict loading: the weights are not those of the net config.json describes
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"{weights} does not fit {config}: {detail}") from None
     return model.to(device).eval()
 
 

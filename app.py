@@ -100,6 +100,9 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
                 array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
                 if array is None:
                     raise InputError(f"{name}: cannot decode this 16-bit colour image")
+                if array.ndim == 3 and array.shape[2] == 4:  # onto black, like the 8-bit path
+                    array = array[..., :3] * (array[..., 3:] / np.iinfo(array.dtype).max)
+                    notes.append("transparency flattened onto black")
                 array = array[..., 2::-1] if array.ndim == 3 else array
                 notes.append("16-bit image: rescaled to 8 bits by its own intensity range")
             else:

@@ -175,6 +175,11 @@ def test_transparent_pixels_flatten_to_black(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
     sl = app.load_slice(tmp_path / "t.png")
     assert sl.image[0, 0].max() == 0 and tuple(sl.image[2, 2]) == RGB
+    rgba16 = rgba.astype(np.uint16) * 257  # the same picture at 16 bits (alpha 255 -> 65535)
+    cv2.imwrite(str(tmp_path / "t16.png"), rgba16[..., [2, 1, 0, 3]])  # OpenCV takes BGRA
+    sl = app.load_slice(tmp_path / "t16.png")
+    assert sl.image[0, 0].max() == 0 and tuple(sl.image[2, 2]) == (13, 127, 255)  # RGB, rescaled by its range
+    assert "transparency flattened onto black" in sl.notes
 
 
 def test_odd_sized_image_is_segmented_at_its_own_size(model, tmp_path):

@@ -107,6 +107,7 @@ def test_summary_and_overlay_on_a_known_mask():
 def test_dice_against_reference(model, phantom, tmp_path):
     path, ref_path, image = phantom
     _, mask, summary = app.segment_image(model, path, 0.3, reference_path=ref_path)
+    assert mask.any()  # else every Dice below would be the empty-vs-empty 1.0
     ref = np.asarray(Image.open(ref_path)) > 127
     inter = int(((mask > 0) & ref).sum())
     expected = 1.0 if mask.sum() + ref.sum() == 0 else 2 * inter / ((mask > 0).sum() + ref.sum())
@@ -253,7 +254,10 @@ def test_volume_from_files_and_zip(model, tmp_path):
     assert len(gallery) == 3 and gallery[0][1].startswith("1:") and gallery[2][1].startswith("10:")
     assert app.short_labels(["P_10", "P_11"]) == ["10", "11"] and app.short_labels(["a"]) == ["a"]
     assert app.shared_prefix([f"P_{k}" for k in range(10, 20)]) == "P_"  # the zip is P_masks.zip, not P_1_masks.zip
-    assert summary["slices"] == 3 and summary["references"] == 3 and 0 <= summary["dice"] <= 1
+    assert summary["slices"] == 3 and summary["references"] == 3
+    overlap = sum(int(((m > 0) & references[n]).sum()) for m, n in zip(masks, got_names))
+    total = sum(int((m > 0).sum() + references[n].sum()) for m, n in zip(masks, got_names))
+    assert total and summary["dice"] == pytest.approx(2 * overlap / total, abs=1e-4)  # pooled over the volume
     assert summary["tumor_pixels"] == sum(summary["per_slice_pixels"].values()) == sum(int(m.sum()) for m in masks)
     assert "of 3 slices" in app.volume_markdown(summary) or "any of the 3 slices" in app.volume_markdown(summary)
     # Loose files work the same, masks optional.
@@ -283,6 +287,13 @@ def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):
     assert summary["tumor_pixels"] == 300 and not masks[5].any() and masks[2][15, 15]
     assert summary["largest_3d_component"] == "on" and summary["pixels_outside_largest_3d_component"] == 225
     assert gallery[5][1] == "6: no tumor" and "225 predicted pixels outside it" in app.volume_markdown(summary)
+    # the volume's Dice pools the pixels of every slice with a reference: 2 * 150 / (200 + 200) on slices 2-3
+    references = {"P_2": np.zeros((64, 64), bool), "P_3": np.zeros((64, 64), bool)}
+    references["P_2"][10:20, 10:15] = references["P_2"][30:40, 30:35] = True  # 50 of the 100 predicted, 50 elsewhere
+    references["P_3"][10:20, 10:20] = True  # exactly the 100 predicted
+    gallery, _, summary = app.volume_results(model, names, images, probs, references, 0.5)
+    assert summary["references"] == 2 and summary["dice"] == pytest.approx(2 * 150 / (200 + 200))
+    assert gallery[1][1].endswith("Dice 0.50") and gallery[2][1].endswith("Dice 1.00")
     # slices of different sizes cannot be stacked: the step is skipped, and the page says so
     _, masks, summary = app.volume_results(model, names[:2], [images[0], np.zeros((32, 32, 3), np.uint8)],
                                            [probs[1], np.zeros((32, 32), np.float32)], {}, 0.5)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from unet.hub import SHIPPED_MODEL_DIR
-from unet.inference import autocast_dtype, cpu_supports_bf16, predict_proba, prepare_for_inference, segment, to_rgb_uint8
+from unet.inference import (autocast_dtype, cpu_supports_bf16, postprocess, predict_proba, prepare_for_inference, segment,
+                            to_rgb_uint8)
 from unet.metrics import dice
 from unet.model import load_model
 from unet.synthetic import phantom_slice
@@ -38,10 +39,11 @@ def test_segment_uses_the_models_threshold(model):
     rng = np.random.default_rng(1)
     image = phantom_slice(rng, 256, tumor=True)[0]
     masks, probs = segment(model, [image])
-    assert np.array_equal(masks[0], probs[0] >= model.threshold) or model.min_component_area > 0
+    assert np.array_equal(masks[0], postprocess(probs[0], model.threshold, model.min_component_area, model.image_size))
     low, _ = segment(model, [image], threshold=0.05)
+    assert np.array_equal(low[0], postprocess(probs[0], 0.05, model.min_component_area, model.image_size))
     high, _ = segment(model, [image], threshold=0.95)
-    assert low[0].sum() >= masks[0].sum() >= high[0].sum()
+    assert low[0].sum() >= masks[0].sum() >= high[0].sum() and low[0].sum() > high[0].sum()
 
 
 def test_channel_order_of_the_config_is_applied(model):
@@ -97,3 +99,20 @@ def test_autocast_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     assert autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if cpu_supports_bf16() else None)
+
+
+def test_flip_tta_averages_the_logits_of_the_slice_and_its_mirror(tiny_model_dir):
+    from unet.data import normalize
+
+    model = prepare_for_inference(load_model(str(tiny_model_dir)))
+    image = phantom_slice(np.random.default_rng(4), model.image_size, tumor=True)[0]
+    plain = predict_proba(model, [image], precision="fp32")[0]
+    model.tta_flips = True
+    tta = predict_proba(model, [image], precision="fp32")[0]
+    x = normalize(image, model.mean, model.std, model.normalization)[None]
+    with torch.no_grad():
+        by_hand = torch.sigmoid((model(x) + model(x.flip(-1)).flip(-1)) / 2)[0, 0].numpy()
+    np.testing.assert_allclose(tta, by_hand, atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-3  # the mirror's prediction did count
+    mirrored = predict_proba(model, [np.ascontiguousarray(image[:, ::-1])], precision="fp32")[0]
+    np.testing.assert_allclose(mirrored, tta[:, ::-1], atol=1e-5)  # flipped back before averaging

@@ -41,6 +41,13 @@ def test_config_carries_the_tuned_post_processing():
     config = json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())
     assert model.config == config
     assert config["channel_order"] == "RGB" and config["image_size"] == 256
+    # the loaded model applies what the card and the README say validation chose
+    card = (SHIPPED_MODEL_DIR / "README.md").read_text()
+    readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
+    stated = (f"threshold {model.threshold}, minimum component area {model.min_component_area} px, flip test-time "
+              f"augmentation off, largest 3D component per patient {'on' if model.largest_3d_component else 'off'}")
+    assert not model.tta_flips and stated in card
+    assert f"threshold {model.threshold}, tumor components under {model.min_component_area} px removed" in readme
 
 
 @pytest.mark.real_data

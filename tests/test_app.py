@@ -268,6 +268,11 @@ def test_volume_from_files_and_zip(model, tmp_path):
         app.read_volume([tmp_path / "bad.zip"])
     with pytest.raises(app.InputError, match="not an image"):
         app.read_volume([tmp_path / "P_1.tif", bad_files(tmp_path)["text"]])
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "P_2_mask.png")  # half the slice's 128 px
+    with pytest.raises(app.InputError, match="^P_2_mask: mask size differs from its slice$"):
+        app.read_volume([tmp_path / "P_2.tif", tmp_path / "P_2_mask.png"])
+    with pytest.raises(app.InputError, match="^no image slices found among the uploaded files$"):
+        app.read_volume([tmp_path / "P_2_mask.png"])
 
 
 def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):

@@ -487,7 +487,7 @@ def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> t
             raise FileNotFoundError(f"examples folder not found: {folder}")
         return folder, f"from {folder.name}", False
     if serving.examples_dir is not None:
-        return serving.examples_dir, "from the model's repo", False
+        return serving.examples_dir, "published with the model", False
     return PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
 
 
@@ -525,7 +525,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
         held_out = None
     examples, from_test_patients = prepare_examples(folder, work / "examples", synthetic, held_out)
     if from_test_patients:
-        source += ", the model's test patients"
+        source += " · slices of its test patients"
     if not examples and folder != PROJECT_EXAMPLES_DIR:
         log.warning("no usable examples in %s; using the project's synthetic examples", folder)
         folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True

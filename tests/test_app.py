@@ -305,6 +305,15 @@ def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):
     assert summary["largest_3d_component"].startswith("skipped") and "skipped" in app.volume_markdown(summary)
 
 
+def test_gallery_label_says_where_the_examples_come_from(serving, trained_run):
+    def gallery_label(examples_dir) -> str:
+        demo = app.build_demo(serving, examples_dir)
+        return next(b.label for b in demo.blocks.values() if isinstance(b, app.gr.Gallery) and b.label.startswith("…or click"))
+
+    assert gallery_label(trained_run / "synthetic") == "…or click an example (from synthetic · slices of its test patients)"
+    assert gallery_label(None) == "…or click an example (synthetic, not real MRI)"
+
+
 def test_volume_tab_says_when_the_model_keeps_the_largest_3d_component(serving, monkeypatch):
     def help_text() -> str:
         demo = app.build_demo(serving)

@@ -634,12 +634,13 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     def api_segment(image: str, threshold: float) -> tuple[str, str, dict]:
         """Segment one MRI slice. image: a PNG, JPEG or TIFF file; threshold: 0..1 (model default if empty).
         Returns the overlay PNG, the mask PNG (0/255) and a summary (tumor_pixels, tumor_share_of_brain, ...)."""
-        if not image:
-            raise gr.Error("no image given")
         try:
+            if not image:
+                raise InputError("no image given")
             overlay, mask, summary = segment_image(model, image, None if threshold is None else float(threshold))
-        except InputError as error:
-            raise gr.Error(str(error)) from None
+        except InputError as error:  # the client's mistake: one line in the log, not a server traceback
+            log.info("/segment refused: %s", error)
+            raise gr.Error(str(error), print_exception=False) from None
         # Files, not arrays: Gradio caches an array by rewriting a content-hashed path on every request,
         # so clients fetching identical outputs at once could read a half-written file; a file is copied
         # into the cache atomically.

@@ -419,7 +419,7 @@ def app_url(serving):
     demo.close()
 
 
-def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path):
+def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path, capfd, caplog):
     from gradio_client import Client, handle_file
 
     client = Client(app_url, verbose=False)
@@ -438,8 +438,11 @@ def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path
     # A bad file is a one-line error, and the server keeps serving.
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(Exception, match="not an image"):
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="app"), pytest.raises(Exception, match="not an image"):
         client.predict(handle_file(str(text)), 0.5, api_name="/segment")
+    assert "Traceback" not in capfd.readouterr().err  # the server logs one line, not a traceback
+    assert "/segment refused: notes.txt: not an image" in caplog.text
 
     # Concurrent users all get answers (the queue serves them in turn).
     with ThreadPoolExecutor(4) as pool:

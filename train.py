@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from unet.card import write_model_card
 from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
-from unet.evaluate import evaluate_model, predict_frame, score
+from unet.evaluate import evaluate_model, options_named, predict_frame, score
 from unet.inference import autocast_dtype, autocast_for, pick_device
 from unet.losses import BCEDiceLoss
 from unet.model import LGG_MEAN, LGG_STD, UNet, count_parameters
@@ -131,15 +131,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_size % 2**args.depth:
         p.error(f"--image-size {args.image_size} must be a multiple of 2**depth = {2**args.depth}")
     return args
-
-
-def given_on_command_line(argv: list[str] | None) -> set[str]:
-    """The settings the command line named, even where it gave their default value."""
-    parser = build_parser()
-    unset = object()  # argparse leaves a setting that the namespace already holds alone unless the line names it
-    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
-    parsed = parser.parse_args(sys.argv[1:] if argv is None else argv, namespace=namespace)
-    return {dest for dest, value in vars(parsed).items() if value is not unset}
 
 
 def training_command(args: argparse.Namespace) -> str:
@@ -299,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         saved = state["args"]
         # The data, split and model of a run are fixed by its first start; the length may change.
-        given = given_on_command_line(argv)
+        given = options_named(build_parser(), argv)
         for key in vars(args):
             if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
                            "private", "revision", "data_dir", "out_dir"):

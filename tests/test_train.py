@@ -216,6 +216,9 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
     refused = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"),
                    "--seed", "7"])  # a split of one model means nothing to pooled folds
     assert refused.returncode == 2 and "--seed does not apply" in refused.stderr
+    refused = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"),
+                   "--split", "all"])  # named with its default value: still refused
+    assert refused.returncode == 2 and "--split does not apply" in refused.stderr
 
 
 @pytest.mark.parametrize("stray_is_tumor", [False, True])

@@ -111,9 +111,9 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
                    "\n  a single slice on its own gets the per-slice steps only."
                    if config.get("largest_3d_component") else "")
     post_note = f"\n- Post-processing: {metrics['post_processing']}." if metrics.get("post_processing") else ""
-    splits = metrics.get("splits") or {}
-    trained_patients = sum(len(splits.get(name, [])) for name in metrics.get("trained_on") or ["train"])
-    if "val" in (metrics.get("trained_on") or []):
+    splits, trained_on = metrics.get("splits") or {}, metrics.get("trained_on") or ["train"]
+    trained_patients = sum(len(splits.get(name, [])) for name in trained_on)
+    if "val" in trained_on:
         epochs_note = "the last one kept; trained on the training and validation patients, so nothing was selected on validation"
     else:
         epochs_note = f"best validation epoch {metrics.get('best_epoch', '?')}"

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,8 @@ def select_patients(df: pd.DataFrame, split: str, seed: int, val_fraction: float
     return df[df["patient"].isin(split_patients(df, val_fraction, test_fraction, seed, folds, fold)[split])]
 
 
-def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace) -> pd.DataFrame:
+def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace,
+                   named: Collection[str] = ()) -> pd.DataFrame:
     """The slices of the patients the command line asks for, with the split the model recorded when it has one.
 
     Recomputing a split from a seed gives other patients on another folder (the full 110-patient dataset
@@ -168,7 +170,7 @@ def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace) -
         if not splits.get(args.split):
             raise DatasetError(f"the model's recorded {args.split} split is empty")
         log.info("%s split as recorded in the model's metrics.json: %d patients", args.split, len(splits[args.split]))
-        for name in given_options(args, SPLIT_OPTIONS[2:]):
+        for name in (n for n in SPLIT_OPTIONS[2:] if n in named):
             log.warning("--%s ignored: the model recorded its split", name.replace("_", "-"))
         part = select_patients(df, "all", 0, 0, 0, splits[args.split])
     else:
@@ -197,10 +199,12 @@ def format_table(metrics: dict) -> str:
 SPLIT_OPTIONS = ("split", "patients", "seed", "folds", "fold", "val_fraction", "test_fraction")
 
 
-def given_options(args: argparse.Namespace, names: tuple[str, ...] = SPLIT_OPTIONS) -> list[str]:
-    """Which of these options the command line set to something other than their default."""
-    parser = build_parser()
-    return [name for name in names if getattr(args, name) != parser.get_default(name)]
+def options_named(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options a command line names, even where it gives their default value (train.py shares it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    unset = object()  # argparse leaves alone a setting the namespace already holds, unless the line names it
+    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args(argv))})
+    return {dest for dest, value in vars(parser.parse_args(argv, namespace=namespace)).items() if value is not unset}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.cv and (given := given_options(args, (*SPLIT_OPTIONS, "revision"))):
+    named = options_named(parser, argv)
+    if args.cv and (given := [n for n in (*SPLIT_OPTIONS, "revision") if n in named]):
         parser.error(f"--cv tests each fold's model on the test patients it recorded: "
                      f"--{given[0].replace('_', '-')} does not apply")
     if args.fold and not args.folds:
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_dir = resolve_model_dir(args.model, revision=args.revision)
             model = prepare_for_inference(load_model(str(model_dir), device=device))
-            df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args)
+            df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args, named)
             metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume)
     except (DatasetError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home, from any Blocks or launch of this process
 
 import argparse
 import atexit
@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import cv2
 import gradio as gr
 import numpy as np
 import pandas as pd
+from huggingface_hub import ModelCard
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from unet.data import DatasetError, binary_mask, example_slices, find_kaggle_3m, scan_dataset
@@ -48,7 +50,7 @@ ROOT = Path(__file__).resolve().parent
 PROJECT_EXAMPLES_DIR = ROOT / "examples"  # synthetic slices written by examples/make_examples.py
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF: how they begin
-MAX_FILE_MB = 50  # per upload, enforced by the server (launch max_file_size) and by load_slice
+MAX_FILE_MB = 50  # per upload, enforced by the server (launch max_file_size) and by read_upload
 MAX_SIDE = 4096  # pixels per side; larger images are refused before they are decoded
 MAX_VOLUME_SLICES = 200
 MAX_VOLUME_PIXELS = 200 * 512 * 512
@@ -183,7 +185,7 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
     return image.max(axis=2) > BACKGROUND_LEVEL
 
 
-def summarize(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float,
+def slice_summary(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, threshold: float,
               reference: np.ndarray | None = None) -> dict:
     """The JSON-able facts of one prediction: area in pixels and as a share of the brain, and Dice."""
     tumor = int(mask.sum())
@@ -243,12 +245,12 @@ def segment_image(model: UNet, path: str | Path, threshold: float | None = None,
                              f"{sl.image.shape[1]}x{sl.image.shape[0]}")
     prob = predict(model, sl.image)
     mask = threshold_mask(model, prob, threshold)
-    summary = summarize(sl.image, prob, mask, threshold, reference)
+    summary = slice_summary(sl.image, prob, mask, threshold, reference)
     summary["notes"] = sl.notes
     return draw_overlay(sl.image, mask, reference), mask.astype(np.uint8) * 255, summary
 
 
-def summary_markdown(summary: dict, notes: list[str] = (), synthetic: bool = False, name: str = "") -> str:
+def summary_markdown(summary: dict, notes: Sequence[str] = (), synthetic: bool = False, name: str = "") -> str:
     t = summary["threshold"]
     if summary["tumor_found"]:
         share = summary["tumor_share_of_brain"] * 100
@@ -491,13 +493,29 @@ def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> t
     return PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
 
 
-def model_card_text(model_dir: Path) -> str:
+def load_examples(serving: ServingModel, examples_dir: str | Path | None, out_dir: Path) -> tuple[list[Example], str]:
+    """The gallery's examples, written to ``out_dir``, and a label that says where they come from."""
+    folder, source, synthetic = choose_examples(serving, examples_dir)
+    try:
+        held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
+    except DatasetError as error:  # the model still serves; only the choice of examples needs the record
+        log.warning("%s: examples may be slices the model trained on", error)
+        held_out = None
+    examples, from_test_patients = prepare_examples(folder, out_dir, synthetic, held_out)
+    if from_test_patients:
+        source += " · slices of its test patients"
+    if not examples and folder != PROJECT_EXAMPLES_DIR:
+        log.warning("no usable examples in %s; using the project's synthetic examples", folder)
+        source = "synthetic, not real MRI"
+        examples, _ = prepare_examples(PROJECT_EXAMPLES_DIR, out_dir, True)
+    log.info("%d examples %s", len(examples), source)
+    return examples, source
+
+
+def card_body(model_dir: Path) -> str:
     """The model card without its YAML header, or '' if there is none."""
     card = model_dir / "README.md"
-    if not card.is_file():
-        return ""
-    text = card.read_text(encoding="utf-8", errors="replace")
-    return text.split("---", 2)[2].strip() if text.startswith("---") and text.count("---") >= 2 else text
+    return ModelCard.load(card).text.strip() if card.is_file() else ""  # a missing path would be taken for a repo id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,23 +535,10 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     predict(model, np.zeros((model.image_size, model.image_size, 3), np.uint8))  # warm-up: first user waits less
     work = Path(tempfile.mkdtemp(prefix="brain-mri-app-"))
     atexit.register(shutil.rmtree, work, True)
-    folder, source, synthetic = choose_examples(serving, examples_dir)
-    try:
-        held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
-    except DatasetError as error:  # the model still serves; only the choice of examples needs the record
-        log.warning("%s: examples may be slices the model trained on", error)
-        held_out = None
-    examples, from_test_patients = prepare_examples(folder, work / "examples", synthetic, held_out)
-    if from_test_patients:
-        source += " · slices of its test patients"
-    if not examples and folder != PROJECT_EXAMPLES_DIR:
-        log.warning("no usable examples in %s; using the project's synthetic examples", folder)
-        folder, source, synthetic = PROJECT_EXAMPLES_DIR, "synthetic, not real MRI", True
-        examples, _ = prepare_examples(folder, work / "examples", synthetic)
-    log.info("%d examples %s", len(examples), source)
+    examples, source = load_examples(serving, examples_dir, work / "examples")
     default_threshold = round(float(model.threshold), 2)
 
-    def write_file(name: str, write) -> str:
+    def write_file(name: str, write: Callable[[Path], None]) -> str:
         """A fresh file in the work folder for a download (Gradio copies it into its cache);
         downloads older than an hour are swept away so a long-running Space does not fill its disk."""
         for old in work.glob("download-*"):
@@ -551,13 +556,14 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     def show_single(state: dict, threshold: float) -> tuple:
         """(overlay, summary markdown, mask file) of the kept probabilities at a threshold."""
         mask = threshold_mask(model, state["prob"], threshold)
-        summary = summarize(state["image"], state["prob"], mask, threshold, state["reference"])
+        summary = slice_summary(state["image"], state["prob"], mask, threshold, state["reference"])
         mask_file = save_png(f"{state['name']}_mask.png", mask.astype(np.uint8) * 255)
         return (save_png(f"{state['name']}_overlay.png", draw_overlay(state["image"], mask, state["reference"])),
                 summary_markdown(summary, state["notes"], state["synthetic"], state["name"]),
                 gr.DownloadButton(value=mask_file, interactive=True))
 
-    def run_single(sl: Slice, name: str, threshold: float, reference=None, synthetic=False) -> tuple:
+    def run_single(sl: Slice, name: str, threshold: float, reference: np.ndarray | None = None,
+                   synthetic: bool = False) -> tuple:
         start = time.perf_counter()
         state = {"image": sl.image, "prob": predict(model, sl.image), "reference": reference, "name": name,
                  "notes": sl.notes, "synthetic": synthetic}
@@ -631,7 +637,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return show_volume(state, threshold)
 
-    def api_segment(image: str, threshold: float) -> tuple[str, str, dict]:
+    def api_segment(image: str, threshold: float | None) -> tuple[str, str, dict]:
         """Segment one MRI slice. image: a PNG, JPEG or TIFF file; threshold: 0..1 (model default if empty).
         Returns the overlay PNG, the mask PNG (0/255) and a summary (tumor_pixels, tumor_share_of_brain, ...)."""
         try:
@@ -649,8 +655,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
     model_line = f"**Model:** {serving.description}"
     if serving.notice:
         model_line += f"  \n⚠️ {serving.notice}"
-    card = model_card_text(serving.model_dir)
-    heavy = dict(concurrency_id="model", api_visibility="private")  # the net runs one request at a time
+    card = card_body(serving.model_dir)
+    heavy = dict(concurrency_id="model", api_visibility="private")  # one queue with /segment, sized by --concurrency
     light = dict(api_visibility="private", show_progress="hidden", trigger_mode="always_last", concurrency_limit=4)
     with gr.Blocks(title="Brain MRI tumor segmentation", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# Brain MRI tumor segmentation\n"

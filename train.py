@@ -5,10 +5,10 @@
     python train.py --synthetic --epochs 2 --out-dir runs/smoke                    # no dataset needed
 
 The run folder holds ``last.pt`` (everything needed to resume, written every epoch and every
-``--checkpoint-every`` steps), ``best/`` (the best validation epoch), ``history.csv``,
-``curves.png`` and, at the end, ``model/``: the final model in the Hub layout (config.json,
-model.safetensors, README.md model card, metrics.json, curves.png), ready for ``unet.evaluate``, the app
-or ``--push``.
+``--checkpoint-every`` steps), ``best/`` (the best validation epoch; the last one with
+``--train-on-val``), ``history.csv``, ``curves.png`` and, at the end, ``model/``: the final model in
+the Hub layout (config.json, model.safetensors, README.md model card, metrics.json, curves.png), ready
+for ``unet.evaluate``, the app or ``--push``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
-from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
+from unet.data import (
+    DatasetError,
+    LGGDataset,
+    channel_stats,
+    scan_dataset,
+    split_patients,
+    train_transforms,
+)
 from unet.evaluate import evaluate_model, options_named, predict_frame, score
 from unet.inference import autocast_dtype, autocast_for, pick_device
 from unet.losses import BCEDiceLoss
@@ -41,6 +49,11 @@ from unet.synthetic import make_synthetic_dataset
 log = logging.getLogger("train")
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "lgg_subset"
+PUBLISH_OPTIONS = ("push", "repo_id", "private", "revision")
+# What a --resume may change: the run's length, the machine, where the data and run live, publishing, and the
+# post-processing chosen after the last epoch.
+RUN_CONTROL_OPTIONS = ("resume", "epochs", "patience", "workers", "device", "data_dir", "out_dir", *PUBLISH_OPTIONS,
+                       "no_tune", "tta", "threshold", "min_component_area", "largest_3d_component")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,12 +151,50 @@ def training_command(args: argparse.Namespace) -> str:
     parser = build_parser()
     words = ["python", "train.py"]
     for key, value in vars(args).items():
-        if key in ("resume", "push", "repo_id", "private", "revision") or value == parser.get_default(key):
+        if key in ("resume", *PUBLISH_OPTIONS) or value == parser.get_default(key):
             continue
         words.append("--" + key.replace("_", "-"))
         if not isinstance(value, bool):
             words.append(shlex.quote(str(value)))
     return " ".join(words)
+
+
+def restore_run_settings(args: argparse.Namespace, saved: dict, named: set[str]) -> None:
+    """Give a resumed run the settings of its first start: its data, split and model are fixed then.
+
+    Only the run-control options (length, machine, publishing) may change; any other option the command
+    line names with another value is ignored, with a warning.
+    """
+    for key in vars(args):
+        if key in RUN_CONTROL_OPTIONS:
+            continue
+        value = saved.get(key, getattr(args, key))  # runs older than a flag lack it
+        if key in named and getattr(args, key) != value:
+            log.warning("--resume keeps the run's --%s %s; the %s given is ignored", key.replace("_", "-"), value,
+                        getattr(args, key))
+        setattr(args, key, value)
+    args.data_dir = args.data_dir or saved.get("data_dir")  # the data may sit elsewhere now; the split is by patient id
+
+
+def load_splits(args: argparse.Namespace, out_dir: Path,
+                recorded: dict[str, list[str]] | None) -> tuple[dict[str, list[str]], dict[str, pd.DataFrame]]:
+    """The run's patient ids and slices by split: the recorded split on resume, else a new one from the seed.
+
+    Raises DatasetError naming the folder when the data is unreadable or lacks a patient of the split.
+    """
+    data_dir = make_synthetic_dataset(out_dir / "synthetic", patients=10, slices=16, size=args.image_size,
+                                      healthy_patients=2, seed=args.seed) if args.synthetic else args.data_dir
+    df = scan_dataset(data_dir)
+    if args.patients:
+        df = df[df["patient"].isin(sorted(df["patient"].unique())[: args.patients])]
+    splits = recorded or split_patients(df, args.val_fraction, args.test_fraction, args.seed, args.folds, args.fold)
+    missing = sorted(set().union(*splits.values()) - set(df["patient"]))
+    if missing:
+        raise DatasetError(f"{data_dir} lacks {len(missing)} patients of the run's split, e.g. {missing[0]}")
+    frames = {name: df[df["patient"].isin(ids)].reset_index(drop=True) for name, ids in splits.items()}
+    for name, frame in frames.items():
+        log.info("%-5s %3d patients %5d slices (%d with tumor)", name, len(splits[name]), len(frame), int(frame["has_tumor"].sum()))
+    return splits, frames
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -182,7 +233,7 @@ def train_step(model: UNet, images: torch.Tensor, masks: torch.Tensor, loss_fn: 
     return loss.item()
 
 
-def ema_update(decay: float):
+def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
     """An exponential moving average of the weights, as `AveragedModel`'s ``multi_avg_fn``.
 
     The decay warms up as (1 + n) / (10 + n) after n updates: at 0.999 from the start, the random
@@ -216,7 +267,7 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
 
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(history["epoch"], history["train_loss"], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", title="training loss")
+    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice (Tversky) loss", title="training loss")
     for column in ("val_patient_dice", "val_tumor_slice_dice"):
         ax_dice.plot(history["epoch"], history[column], marker="o", label=column)
     ax_dice.plot(history["epoch"], history["val_healthy_fp_rate"], marker=".", linestyle=":", label="val_healthy_fp_rate")
@@ -276,6 +327,57 @@ def machines_text(machines: list[dict], last_epoch: int) -> str:
     return ", ".join(f"{m['machine']} (epochs {m['from_epoch']}-{end})" for m, end in zip(machines, ends))
 
 
+def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, pd.DataFrame], device: torch.device,
+                      precision_used: str, out_dir: Path) -> Path:
+    """Load the kept epoch, choose its post-processing on validation, score it once on validation and test,
+    and write it in the Hub layout (weights, config, metrics.json, curves, model card) to ``out_dir/model``."""
+    model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
+    if args.no_tune or args.train_on_val:
+        model.threshold, model.min_component_area = args.threshold, args.min_component_area
+        model.largest_3d_component = args.largest_3d_component
+    else:
+        for key, value in tune_postprocessing(model, frames["val"], args.tta, args.precision).items():
+            setattr(model, key, value)
+
+    def scores(frame: pd.DataFrame) -> tuple[dict, dict]:
+        """The model's metrics and, with the 3D step on, beside them those of the masks a single uploaded slice gets."""
+        if not len(frame):
+            return {}, {}
+        probs, targets = predict_frame(model, frame, precision=args.precision)  # once, for both post-processings
+        post = (probs, targets, frame, model.threshold, model.min_component_area)
+        per_slice = score(*post, False, model.image_size) if model.largest_3d_component else {}
+        return score(*post, model.largest_3d_component, model.image_size), per_slice
+
+    val, val_per_slice = ({}, {}) if args.train_on_val else scores(frames["val"])
+    test, test_per_slice = scores(frames["test"])
+    metrics = {
+        "test": test,
+        "test_per_slice": test_per_slice,
+        "val": val,
+        "val_per_slice": val_per_slice,
+        "best_epoch": state["best_epoch"],
+        "trained_on": ["train", "val"] if args.train_on_val else ["train"],
+        "epochs_trained": state["epoch"],
+        "train_hours": round(state["train_seconds"] / 3600, 3),
+        "machine": machines_text(state["machines"], state["epoch"]),
+        "precision": precision_used,
+        "parameters": count_parameters(model),
+        "splits": state["splits"],
+        "data": "synthetic phantoms" if args.synthetic else str(args.data_dir),
+        "command": training_command(args),
+    }
+    model_dir = out_dir / "model"
+    model.save_pretrained(model_dir)
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.copy(out_dir / "curves.png", model_dir / "curves.png")
+    write_model_card(model_dir, metrics)
+    if test:
+        log.info("test: patient Dice %.4f (median %.4f, worst %.4f), tumor-slice Dice %.4f, healthy FP %.3f",
+                 test["patient_dice_mean"], test["patient_dice_median"], test["patient_dice_min"],
+                 test["tumor_slice_dice_mean"], test["healthy_fp_rate"])
+    return model_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -288,23 +390,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("--resume: no checkpoint at %s", checkpoint_path)
             return 2
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        saved = state["args"]
-        # The data, split and model of a run are fixed by its first start; the length may change.
-        given = options_named(build_parser(), argv)
-        for key in vars(args):
-            if key not in ("resume", "epochs", "patience", "workers", "device", "no_tune", "tta", "push", "repo_id",
-                           "private", "revision", "data_dir", "out_dir"):
-                value = saved.get(key, getattr(args, key))  # runs older than a flag lack it
-                if key in given and getattr(args, key) != value:
-                    log.warning("--resume keeps the run's --%s %s; the %s given is ignored", key.replace("_", "-"),
-                                value, getattr(args, key))
-                setattr(args, key, value)
-        args.data_dir = args.data_dir or saved.get("data_dir")  # the data may sit elsewhere now; the split is by patient id
+        restore_run_settings(args, state["args"], options_named(build_parser(), argv))
         log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
 
     args.data_dir = args.data_dir or str(DEFAULT_DATA_DIR)
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     try:
         device = pick_device(args.device)
     except ValueError as error:
@@ -312,28 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: pick the fastest kernels once
 
-    data_dir = make_synthetic_dataset(out_dir / "synthetic", patients=10, slices=16, size=args.image_size,
-                                      healthy_patients=2, seed=args.seed) if args.synthetic else args.data_dir
     try:
-        df = scan_dataset(data_dir)
+        splits, frames = load_splits(args, out_dir, state["splits"] if state else None)
     except DatasetError as error:
         log.error("error: %s", error)
         return 2
-    if args.patients:
-        df = df[df["patient"].isin(sorted(df["patient"].unique())[: args.patients])]
-    try:
-        splits = state["splits"] if state else split_patients(df, args.val_fraction, args.test_fraction, args.seed,
-                                                              args.folds, args.fold)
-    except DatasetError as error:
-        log.error("error: %s", error)
-        return 2
-    missing = sorted(set().union(*splits.values()) - set(df["patient"]))
-    if missing:
-        log.error("error: %s lacks %d patients of the run's split, e.g. %s", data_dir, len(missing), missing[0])
-        return 2
-    frames = {name: df[df["patient"].isin(ids)].reset_index(drop=True) for name, ids in splits.items()}
-    for name, frame in frames.items():
-        log.info("%-5s %3d patients %5d slices (%d with tumor)", name, len(splits[name]), len(frame), int(frame["has_tumor"].sum()))
     if args.train_on_val:
         # The split stays as recorded; only what the model learns from grows, and nothing is selected on it.
         frames["train"] = pd.concat([frames["train"], frames["val"]], ignore_index=True)
@@ -359,12 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         optimizer, lambda s: lr_factor(s, int(args.warmup_epochs * steps_per_epoch), total_steps))
     loss_fn = BCEDiceLoss(fn_weight=args.fn_weight)
     dtype = autocast_dtype(device, args.precision)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision_used = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     # fp16 autocast (a GPU without bf16) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     log.info("model: width %d, depth %d, %s upsampling, %d px, %.2f M parameters; device %s, precision %s, %d steps/epoch",
              args.width, args.depth, args.upsampling, args.image_size, count_parameters(model) / 1e6, device,
-             precision, steps_per_epoch)
+             precision_used, steps_per_epoch)
 
     # The average is what gets validated, kept and shipped; the raw weights only train.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(args.ema), use_buffers=True)
@@ -453,50 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.train_on_val:
         log.info("best validation patient Dice %.4f at epoch %d", state["best_score"], state["best_epoch"])
 
-    model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
-    if args.no_tune or args.train_on_val:
-        model.threshold, model.min_component_area = args.threshold, args.min_component_area
-        model.largest_3d_component = args.largest_3d_component
-    else:
-        for key, value in tune_postprocessing(model, frames["val"], args.tta, args.precision).items():
-            setattr(model, key, value)
-
-    def scores(frame: pd.DataFrame) -> tuple[dict, dict]:
-        """The model's metrics and, with the 3D step on, beside them those of the masks a single uploaded slice gets."""
-        if not len(frame):
-            return {}, {}
-        probs, targets = predict_frame(model, frame, precision=args.precision)  # once, for both post-processings
-        post = (probs, targets, frame, model.threshold, model.min_component_area)
-        per_slice = score(*post, False, model.image_size) if model.largest_3d_component else {}
-        return score(*post, model.largest_3d_component, model.image_size), per_slice
-
-    val, val_per_slice = ({}, {}) if args.train_on_val else scores(frames["val"])
-    test, test_per_slice = scores(frames["test"])
-    metrics = {
-        "test": test,
-        "test_per_slice": test_per_slice,
-        "val": val,
-        "val_per_slice": val_per_slice,
-        "best_epoch": state["best_epoch"],
-        "trained_on": ["train", "val"] if args.train_on_val else ["train"],
-        "epochs_trained": state["epoch"],
-        "train_hours": round(state["train_seconds"] / 3600, 3),
-        "machine": machines_text(state["machines"], state["epoch"]),
-        "precision": precision,
-        "parameters": count_parameters(model),
-        "splits": splits,
-        "data": "synthetic phantoms" if args.synthetic else str(args.data_dir),
-        "command": training_command(args),
-    }
-    model_dir = out_dir / "model"
-    model.save_pretrained(model_dir)
-    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    shutil.copy(out_dir / "curves.png", model_dir / "curves.png")
-    write_model_card(model_dir, metrics)
-    if test:
-        log.info("test: patient Dice %.4f (median %.4f, worst %.4f), tumor-slice Dice %.4f, healthy FP %.3f",
-                 test["patient_dice_mean"], test["patient_dice_median"], test["patient_dice_min"],
-                 test["tumor_slice_dice_mean"], test["healthy_fp_rate"])
+    model_dir = write_final_model(args, state, frames, device, precision_used, out_dir)
     log.info("model written to %s", model_dir)
 
     if args.push:

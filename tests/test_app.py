@@ -93,14 +93,14 @@ def test_summary_and_overlay_on_a_known_mask():
     ref = ref > 0
     prob = ref.astype(np.float32) * 0.9
     mask = prob >= 0.5
-    summary = app.summarize(image, prob, mask, 0.5, reference=ref)
+    summary = app.slice_summary(image, prob, mask, 0.5, reference=ref)
     assert summary["tumor_pixels"] == int(ref.sum()) and summary["dice"] == 1.0
     assert summary["brain_pixels"] == int(((image.max(axis=2) > app.BACKGROUND_LEVEL) | ref).sum())
     overlay = app.draw_overlay(image, mask, ref)
     assert overlay.shape == image.shape and not np.array_equal(overlay[ref], image[ref])  # tumor drawn
     assert np.array_equal(overlay[:5, :5], image[:5, :5])  # background untouched
     assert "Tumor found" in app.summary_markdown(summary) and "Dice" in app.summary_markdown(summary)
-    empty = app.summarize(image, prob * 0, mask & False, 0.5)
+    empty = app.slice_summary(image, prob * 0, mask & False, 0.5)
     assert not empty["tumor_found"] and "No tumor found" in app.summary_markdown(empty)
 
 

@@ -1,11 +1,15 @@
 
+import logging
+
+import albumentations as A
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from unet.data import (DatasetError, LGGDataset, eval_transforms, example_slices, flair_only, normalize, read_image, read_mask,
+from unet.data import (DatasetError, LGGDataset, example_slices, flair_only, normalize, read_image, read_mask,
                        scan_dataset, seed_augmentation, split_patients, train_transforms)
 from unet.model import LGG_MEAN, LGG_STD
 from unet.synthetic import make_synthetic_dataset
@@ -123,6 +127,19 @@ def test_folds_test_every_patient_once(synthetic_dir):
             split_patients(df, folds=folds, fold=fold)
 
 
+def test_split_stratifies_by_institution_and_says_when_it_cannot(caplog):
+    patients = [f"TCGA_{site}_{n:04d}_19990101" for site in ("AA", "BB") for n in range(10)]
+    df = pd.DataFrame({"patient": patients, "has_tumor": True})
+    caplog.set_level(logging.INFO, logger="unet.data")
+    for seed in range(5):
+        test = split_patients(df, 0.2, 0.2, seed=seed)["test"]
+        assert sorted(p.split("_")[1] for p in test) == ["AA", "AA", "BB", "BB"], test
+    assert "stratified by tumor presence" not in caplog.text
+    lone = pd.concat([df, pd.DataFrame({"patient": ["TCGA_CC_0001_19990101"], "has_tumor": [True]})])
+    split_patients(lone, 0.2, 0.2, seed=0)
+    assert "test patients split off stratified by tumor presence: an institution has too few patients" in caplog.text
+
+
 @pytest.mark.real_data
 def test_real_folds_spread_each_institution(real_data_dir):
     df = scan_dataset(real_data_dir, check_images=False)
@@ -152,7 +169,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
 
 def test_dataset_items_are_normalised_tensors(synthetic_dir):
     df = scan_dataset(synthetic_dir).head(6)
-    dataset = LGGDataset(df, eval_transforms(128), LGG_MEAN, LGG_STD)
+    dataset = LGGDataset(df, A.Compose([A.Resize(128, 128, interpolation=cv2.INTER_AREA)]), LGG_MEAN, LGG_STD)
     image, mask = dataset[3]
     assert image.shape == (3, 128, 128) and image.dtype == torch.float32
     assert mask.shape == (1, 128, 128) and set(mask.unique().tolist()) <= {0.0, 1.0}

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from unet.card import model_card_text
 from unet.data import scan_dataset
 from unet.evaluate import main as evaluate_main
-from unet.evaluate import mask_counts, predict_frame, select_patients
+from unet.evaluate import mask_counts, predict_frame, patient_rows
 from unet.hub import SHIPPED_MODEL_DIR
 from unet.inference import prepare_for_inference
 from unet.metrics import summarize
@@ -67,7 +67,7 @@ def test_evaluate_reproduces_the_shipped_test_metrics(real_data_dir, capsys):
 @pytest.mark.real_data
 def test_whole_volume_step_only_removes_pixels_and_both_results_are_recorded(real_data_dir):
     metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
-    df = select_patients(scan_dataset(real_data_dir), "all", 0, 0, 0, patients=metrics["splits"]["test"])
+    df = patient_rows(scan_dataset(real_data_dir), metrics["splits"]["test"])
     model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
     assert model.largest_3d_component
     probs, targets = predict_frame(model, df, progress=False)
@@ -100,7 +100,7 @@ def test_volume_tab_makes_the_masks_that_evaluate_scores(real_data_dir):
     from unet.metrics import dice
 
     patient = "TCGA_CS_6665_20010817"  # a test patient with false-positive blobs outside its tumor
-    df = select_patients(scan_dataset(real_data_dir), "all", 0, 0, 0, patients=[patient])
+    df = patient_rows(scan_dataset(real_data_dir), [patient])
     model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
     names, slices, references = app.read_volume(list(df["image_path"]) + list(df["mask_path"]))
     probs = [app.predict(model, s.image) for s in slices]

@@ -185,10 +185,13 @@ def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, capl
     caplog.set_level(logging.WARNING, logger="train")
     assert train.main([*base, "--epochs", "2", "--width", "8", "--resume"]) == 0
     assert "--resume keeps the run's --width 4; the 8 given is ignored" in caplog.text
-    assert train.main([*base, "--epochs", "3", "--width", "16", "--resume"]) == 0  # 16 is the default: still named
+    # 16 is the default: still named. The post-processing is chosen at the end, so a resume may set it.
+    assert train.main([*base, "--epochs", "3", "--width", "16", "--threshold", "0.7", "--resume"]) == 0
     assert "--resume keeps the run's --width 4; the 16 given is ignored" in caplog.text
     assert "--image-size" not in caplog.text  # named again with the run's own value: nothing to say
-    assert json.loads((out / "model" / "config.json").read_text())["width"] == 4
+    assert "--threshold" not in caplog.text
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["width"] == 4 and config["threshold"] == 0.7
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
 
 

@@ -176,7 +176,7 @@ post-processing in `config.json`.{per_slice_note}
 - Data: {metrics.get('data', '?')}
 - Epochs: {metrics.get('epochs_trained', '?')} ({epochs_note}),
   {float(metrics.get('train_hours') or 0):.2f} h on {metrics.get('machine', '?')}, precision {metrics.get('precision', '?')}.
-- Patients are split (never slices), stratified by tumor presence and institution:
+- Patients are split (never slices), stratified by institution where every institution has patients enough:
 
 {_split_section(metrics.get('splits') or {})}
 

@@ -127,28 +127,34 @@ def split_patients(
     """Split patients (never slices) into train / val / test.
 
     Stratified by whether a patient has any tumor and by institution, falling back to
-    coarser strata when a stratum is too small to be split. With ``folds`` > 1 the test
-    patients are fold ``fold`` of a k-fold split instead of ``test_fraction``, so the
-    runs of folds 0..k-1 test every patient exactly once.
+    coarser strata when a stratum is too small to be split, and saying so. The 70/15/15 split
+    of a folder in which an institution has a single patient (EZ, in the 60-patient subset)
+    is thus stratified by tumor presence alone, which is random by patient where every
+    patient has tumor. With ``folds`` > 1 the test patients
+    are fold ``fold`` of a k-fold split instead of ``test_fraction``, so the runs of folds
+    0..k-1 test every patient exactly once.
     """
     patients = df.groupby("patient")["has_tumor"].any().reset_index()
-    strata_options = [
-        patients["has_tumor"].astype(str) + "_" + patients["patient"].map(institution),
-        patients["has_tumor"].astype(str),
-        None,
-    ]
+    strata_options = {
+        "tumor presence and institution": patients["has_tumor"].astype(str) + "_" + patients["patient"].map(institution),
+        "tumor presence": patients["has_tumor"].astype(str),
+        "nothing": None,
+    }
 
-    def split(frame: pd.DataFrame, fraction: float, strata_list: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def split(frame: pd.DataFrame, fraction: float, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if fraction <= 0:
             return frame, frame.iloc[:0]
-        for strata in strata_list:
+        for by, strata in strata_options.items():
             try:
-                return train_test_split(
+                parts = train_test_split(
                     frame, test_size=fraction, random_state=seed,
                     stratify=None if strata is None else strata.loc[frame.index],
                 )
-            except ValueError:
+            except ValueError:  # a stratum too small for the fraction
                 continue
+            if by != "tumor presence and institution":
+                log.info("%s patients split off stratified by %s: an institution has too few patients", name, by)
+            return parts
         raise DatasetError(f"cannot split {len(frame)} patients with fraction {fraction}")
 
     if folds:
@@ -156,7 +162,7 @@ def split_patients(
             raise DatasetError(f"fold {fold} of {folds}: need at least 2 folds and 0 <= fold < folds")
         if folds > len(patients):
             raise DatasetError(f"cannot make {folds} folds of {len(patients)} patients")
-        for strata in strata_options:
+        for strata in strata_options.values():
             if strata is None or strata.value_counts().max() >= folds:
                 break
         splitter = KFold(folds, shuffle=True, random_state=seed) if strata is None else \
@@ -167,9 +173,9 @@ def split_patients(
         rest, test = patients.iloc[rest_index], patients.iloc[test_index]
         test_fraction = 1 / folds
     else:
-        rest, test = split(patients, test_fraction, strata_options)
+        rest, test = split(patients, test_fraction, "test")
     rest_val_fraction = val_fraction / (1 - test_fraction) if test_fraction < 1 else 0
-    train, val = split(rest, rest_val_fraction, strata_options)
+    train, val = split(rest, rest_val_fraction, "validation")
     return {name: sorted(part["patient"]) for name, part in (("train", train), ("val", val), ("test", test))}
 
 
@@ -229,10 +235,6 @@ def seed_augmentation(transform: A.Compose, seed: int | tuple[int, ...]) -> None
     """
     generator = np.random.default_rng(seed)
     transform.set_random_state(generator, random.Random(int(generator.integers(2**63))))
-
-
-def eval_transforms(image_size: int = 256) -> A.Compose:
-    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
 
 
 class LGGDataset(Dataset):
@@ -301,7 +303,7 @@ def channel_stats(df: pd.DataFrame) -> tuple[list[float], list[float]]:
     return mean.round(4).tolist(), np.sqrt(total_sq / count - mean**2).round(4).tolist()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description="Scan and validate a kaggle_3m folder.")
     parser.add_argument("data_dir", help="the kaggle_3m folder, or a folder that contains it")
     parser.add_argument("--stats", action="store_true", help="print per-channel mean/std of the training split")
@@ -311,7 +313,8 @@ def main() -> None:
     try:
         df = scan_dataset(args.data_dir)
     except DatasetError as error:
-        raise SystemExit(f"error: {error}")
+        log.error("error: %s", error)
+        return 2
     per_patient = df.groupby("patient")["has_tumor"]
     log.info("%d patients, %d slices, %d with tumor", per_patient.ngroups, len(df), int(df["has_tumor"].sum()))
     splits = split_patients(df, seed=args.seed)
@@ -321,7 +324,8 @@ def main() -> None:
     if args.stats:
         mean, std = channel_stats(df[df["patient"].isin(splits["train"])])
         log.info("mean=%s std=%s", mean, std)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from unet.card import METRICS
 from unet.data import DatasetError, read_image, read_mask, scan_dataset, split_patients
 from unet.hub import resolve_model_dir
 from unet.inference import (keep_largest_volume_component, pick_device, postprocess, predict_proba,
@@ -31,6 +32,10 @@ from unet.metrics import pixel_counts, summarize
 from unet.model import UNet, load_model
 
 log = logging.getLogger(__name__)
+
+# How a split is worked out again for a model that did not record one; a recorded split makes them moot.
+SPLIT_RECIPE_OPTIONS = ("seed", "folds", "fold", "val_fraction", "test_fraction")
+SPLIT_OPTIONS = ("split", "patients", *SPLIT_RECIPE_OPTIONS)
 
 
 def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
@@ -130,7 +135,7 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
         if tested & set(test):
             raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
         tested |= set(test)
-        tests.append(select_patients(df, "all", 0, 0, 0, patients=test))
+        tests.append(patient_rows(df, test))
     counts, patients, volume = [], [], set()
     for model_dir, part in zip(model_dirs, tests):
         model = prepare_for_inference(load_model(model_dir, device=device))
@@ -143,16 +148,12 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
     return metrics
 
 
-def select_patients(df: pd.DataFrame, split: str, seed: int, val_fraction: float, test_fraction: float,
-                    patients: list[str] | None = None, folds: int = 0, fold: int = 0) -> pd.DataFrame:
-    if patients:
-        unknown = sorted(set(patients) - set(df["patient"]))
-        if unknown:
-            raise DatasetError(f"patients not in the data folder: {', '.join(unknown)}")
-        return df[df["patient"].isin(patients)]
-    if split == "all":
-        return df
-    return df[df["patient"].isin(split_patients(df, val_fraction, test_fraction, seed, folds, fold)[split])]
+def patient_rows(df: pd.DataFrame, patients: Collection[str]) -> pd.DataFrame:
+    """The slices of exactly these patients; an id the folder lacks is an error, not an empty score."""
+    unknown = sorted(set(patients) - set(df["patient"]))
+    if unknown:
+        raise DatasetError(f"patients not in the data folder: {', '.join(unknown)}")
+    return df[df["patient"].isin(patients)]
 
 
 def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace,
@@ -164,19 +165,21 @@ def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace,
     from is flagged, since its score is not a held-out one.
     """
     splits = recorded.get("splits") or {}
-    if args.patients or args.split == "all":
-        part = select_patients(df, "all", 0, 0, 0, args.patients)
+    if args.patients:
+        part = patient_rows(df, args.patients)
+    elif args.split == "all":
+        part = df
     elif splits:
         if not splits.get(args.split):
             raise DatasetError(f"the model's recorded {args.split} split is empty")
         log.info("%s split as recorded in the model's metrics.json: %d patients", args.split, len(splits[args.split]))
-        for name in (n for n in SPLIT_OPTIONS[2:] if n in named):
+        for name in (n for n in SPLIT_RECIPE_OPTIONS if n in named):
             log.warning("--%s ignored: the model recorded its split", name.replace("_", "-"))
-        part = select_patients(df, "all", 0, 0, 0, splits[args.split])
+        part = patient_rows(df, splits[args.split])
     else:
         log.info("no split recorded with the model: working it out from --seed %d", args.seed)
-        part = select_patients(df, args.split, args.seed, args.val_fraction, args.test_fraction, None,
-                               args.folds, args.fold)
+        ids = split_patients(df, args.val_fraction, args.test_fraction, args.seed, args.folds, args.fold)[args.split]
+        part = df[df["patient"].isin(ids)]
     seen = sorted(trained_patients(recorded) & set(part["patient"]))
     if seen and (args.patients or args.split != "train"):
         log.warning("%d of the %d patients evaluated trained this model (e.g. %s): not a held-out score",
@@ -185,18 +188,13 @@ def model_patients(df: pd.DataFrame, recorded: dict, args: argparse.Namespace,
 
 
 def format_table(metrics: dict) -> str:
-    keys = ["patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean",
-            "slice_dice_mean", "slice_iou_mean", "healthy_fp_rate"]
-    lines = [f"{k:<24}{metrics[k]:.4f}" for k in keys]
+    lines = [f"{key:<24}{metrics[key]:.4f}" for key, _, _ in METRICS]
     low, high = metrics["patient_dice_ci95"]
     lines.insert(1, f"{'patient_dice_ci95':<24}{low:.4f} to {high:.4f}")
     lines.append(f"{'worst_patient':<24}{metrics['worst_patient']}")
     lines.append(f"{'largest_3d_component':<24}{metrics.get('largest_3d_component', False)}")
     lines.append(f"{'patients / slices':<24}{metrics['patients']} / {metrics['slices']} ({metrics['tumor_slices']} with tumor)")
     return "\n".join(lines)
-
-
-SPLIT_OPTIONS = ("split", "patients", "seed", "folds", "fold", "val_fraction", "test_fraction")
 
 
 def options_named(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -262,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args, named)
             metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume)
     except (DatasetError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("error: %s", error)
         return 2
     print(format_table(metrics))
     if args.json:

@@ -29,6 +29,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from unet.model import UNet, load_model
+
 log = logging.getLogger(__name__)
 
 # The model trained by this project, in the Hub layout, used when no other model is named.
@@ -163,7 +165,7 @@ def resolve_model_dir(source: str, revision: str | None = None) -> Path:
 class ServingModel:
     """A loaded model and where it came from, for the app to show."""
 
-    model: "UNet"  # noqa: F821
+    model: UNet
     model_dir: Path
     description: str  # e.g. "user/brain-mri-unet @ main (a1b2c3d)" or "shipped model brain-mri-unet"
     notice: str | None = None  # e.g. "offline: ...; using the cached copy of user/name"
@@ -181,8 +183,6 @@ def load_for_serving(source: str | None = None, revision: str | None = None) -> 
     cached, the shipped model is served and ``notice`` says so; a missing repo or a refused token
     is an error, not a silent fallback.
     """
-    from unet.model import load_model
-
     source = source or os.environ.get("MODEL_ID") or None
     revision = revision or os.environ.get("MODEL_REVISION") or None
     if not source:
@@ -203,7 +203,5 @@ def load_for_serving(source: str | None = None, revision: str | None = None) -> 
 
 
 def _shipped(notice: str | None = None) -> ServingModel:
-    from unet.model import load_model
-
     return ServingModel(load_model(str(SHIPPED_MODEL_DIR)), SHIPPED_MODEL_DIR,
                         f"shipped model {SHIPPED_MODEL_DIR.name}", notice)

@@ -124,7 +124,7 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
                 delete_patterns=["examples/*", "curves.png", "metrics.json"],
                 commit_message="brain-mri-unet" + (f": test patient Dice {dice:.4f}" if dice is not None else ""),
             )
-    except Exception as error:  # noqa: BLE001: any failure is reported the same way, in one line
+    except Exception as error:  # noqa: BLE001 - any failure is reported the same way, in one line
         reason = explain(error, repo_id, endpoint)
         if token:
             reason = reason.replace(token, "***")

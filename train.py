@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="runs/unet", help="run folder (default: %(default)s)")
-    run.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUT_DIR/last.pt with the run's own split, model and recipe; only its length, "
+                          "the machine, and what happens after the last epoch (post-processing, --push) may change")
     run.add_argument("--checkpoint-every", type=int, default=50, help="also checkpoint every N steps within an epoch (default: %(default)s)")
     run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: %(default)s)")
     run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling, initialisation and augmentation (default: %(default)s)")

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,8 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: the file is empty")
     notes = []
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore")  # Pillow's warnings on damaged metadata: the image either decodes or is refused
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE:
                 raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
@@ -317,6 +319,9 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
                 files += [(Path(m.filename).name, archive.read(m)) for m in members]
         except zipfile.BadZipFile:
             raise InputError(f"{path.name}: not a valid zip file") from None
+        except (RuntimeError, NotImplementedError) as error:  # encrypted, or packed by a method zipfile lacks
+            raise InputError(f"{path.name}: cannot unpack ({str(error).splitlines()[0]}); "
+                             "zip the slices without a password, with the usual Deflate method") from None
     masks = {}
     slices = {}
     for name, data in files:
@@ -760,7 +765,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="(default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests the model serves at once; more wait in the queue (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be from 1 to 65535, not {args.port}")
+    if args.concurrency < 1:
+        p.error(f"--concurrency must be at least 1, not {args.concurrency}: with none, every request waits forever")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import shlex
 import shutil
@@ -131,20 +132,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with every setting that cannot work refused before any data is read."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.push and not args.repo_id:
-        p.error("--push needs --repo-id USER/NAME")
-    if not 0 < args.fn_weight < 1:
-        p.error(f"--fn-weight must lie between 0 and 1, not {args.fn_weight}")
-    if not 0 <= args.tumor_fraction <= 1:
-        p.error(f"--tumor-fraction is a share of each batch, from 0 to 1, not {args.tumor_fraction}")
-    if args.epochs < 1 or args.patience < 1:
-        p.error("--epochs and --patience must be at least 1")
-    if args.fold and not args.folds:
-        p.error(f"--fold {args.fold} needs --folds K (the number of folds)")
-    if args.image_size % 2**args.depth:
-        p.error(f"--image-size {args.image_size} must be a multiple of 2**depth = {2**args.depth}")
+    a = args
+    # (holds, what the setting must be); written as what is valid, so that NaN fails every check
+    checks = [
+        (not a.push or a.repo_id, "--push needs --repo-id USER/NAME"),
+        (a.fold == 0 or a.folds, f"--fold {a.fold} needs --folds K (the number of folds)"),
+        (a.folds == 0 or a.folds >= 2, f"--folds must be at least 2, not {a.folds}"),
+        (a.folds == 0 or 0 <= a.fold < a.folds, f"--fold must be from 0 to {a.folds - 1}, not {a.fold}"),
+        (0 < a.val_fraction < 1, f"--val-fraction must lie between 0 and 1, not {a.val_fraction}: validation "
+                                 "chooses the epoch and the post-processing"),
+        (0 <= a.test_fraction < 1 - a.val_fraction, f"--test-fraction must be from 0 to below 1 - --val-fraction, "
+                                                     f"not {a.test_fraction}"),
+        (a.patients is None or a.patients >= 3, f"--patients must be at least 3 (train, validation, test), not {a.patients}"),
+        (a.width >= 1, f"--width must be at least 1, not {a.width}"),
+        (a.depth >= 1, f"--depth must be at least 1, not {a.depth}"),
+        (a.image_size > 0 and a.image_size % 2**a.depth == 0,
+         f"--image-size {a.image_size} must be a positive multiple of 2**depth = {2 ** a.depth}"),
+        (a.epochs >= 1 and a.patience >= 1, "--epochs and --patience must be at least 1"),
+        (a.batch_size >= 1, f"--batch-size must be at least 1, not {a.batch_size}"),
+        (a.steps_per_epoch is None or a.steps_per_epoch >= 1, f"--steps-per-epoch must be at least 1, not {a.steps_per_epoch}"),
+        (a.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, not {a.checkpoint_every}"),
+        (a.workers >= 0, f"--workers cannot be negative, not {a.workers}"),
+        (0 < a.lr < math.inf, f"--lr must be a positive number, not {a.lr}"),
+        (0 <= a.weight_decay < math.inf, f"--weight-decay must be a number from 0, not {a.weight_decay}"),
+        (0 <= a.warmup_epochs < math.inf, f"--warmup-epochs must be a number from 0, not {a.warmup_epochs}"),
+        (0 < a.fn_weight < 1, f"--fn-weight must lie between 0 and 1, not {a.fn_weight}"),
+        (0 <= a.ema < 1, f"--ema is a decay from 0 (off) to below 1, not {a.ema}"),
+        (0 < a.threshold < 1, f"--threshold must lie between 0 and 1, not {a.threshold}"),
+        (a.min_component_area >= 0, f"--min-component-area cannot be negative, not {a.min_component_area}"),
+        (0 <= a.tumor_fraction <= 1, f"--tumor-fraction is a share of each batch, from 0 to 1, not {a.tumor_fraction}"),
+        (0 <= a.flair_only_p <= 1, f"--flair-only-p is a probability, from 0 to 1, not {a.flair_only_p}"),
+        (0 <= a.gamma_p <= 1, f"--gamma-p is a probability, from 0 to 1, not {a.gamma_p}"),
+    ]
+    for holds, requirement in checks:
+        if not holds:
+            p.error(requirement)
     return args
 
 
@@ -387,11 +412,23 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "last.pt"
     state = None
+    if not args.resume and checkpoint_path.exists():
+        log.error("error: %s already holds a run (last.pt): add --resume to go on with it, or choose another --out-dir",
+                  out_dir)
+        return 2
     if args.resume:
         if not checkpoint_path.is_file():
             log.error("--resume: no checkpoint at %s", checkpoint_path)
             return 2
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            log.error("error: %s is not a readable checkpoint (%s)", checkpoint_path,
+                      str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return 2
+        if not isinstance(state, dict) or not {"args", "epoch", "step_in_epoch", "splits"} <= state.keys():
+            log.error("error: %s is not a checkpoint of train.py", checkpoint_path)
+            return 2
         restore_run_settings(args, state["args"], options_named(build_parser(), argv))
         log.info("resuming %s at epoch %d, step %d", checkpoint_path, state["epoch"] + 1, state["step_in_epoch"])
 
@@ -427,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device).to(memory_format=torch.channels_last)
     train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p), model.mean, model.std,
                            model.normalization)
+    if len(train_set) < args.batch_size:
+        log.error("error: --batch-size %d is more than the %d training slices", args.batch_size, len(train_set))
+        return 2
     steps_per_epoch = args.steps_per_epoch or len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -540,4 +580,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # last.pt is at most --checkpoint-every steps old
+        log.error("interrupted: run the same command with --resume to go on from the last checkpoint")
+        sys.exit(130)

@@ -275,6 +275,25 @@ def test_volume_from_files_and_zip(model, tmp_path):
         app.read_volume([tmp_path / "P_2_mask.png"])
 
 
+@pytest.mark.parametrize("field, value, reason", [
+    ("flags", 0x1, "encrypted, password required"),  # a zip with a password
+    ("method", 9, "compression method is not supported"),  # Deflate64, which zipfile cannot unpack
+])
+def test_a_zip_that_cannot_be_unpacked_is_one_line(tmp_path, field, value, reason):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "P_1.png")
+    with zipfile.ZipFile(tmp_path / "ok.zip", "w") as archive:
+        archive.write(tmp_path / "P_1.png", "P_1.png")
+    data = bytearray((tmp_path / "ok.zip").read_bytes())
+    local, central = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+    for at in ((local + 6, central + 8) if field == "flags" else (local + 8, central + 10)):
+        data[at:at + 2] = value.to_bytes(2, "little")  # the same field of the entry's two headers
+    (tmp_path / "odd.zip").write_bytes(bytes(data))
+    with pytest.raises(app.InputError) as caught:
+        app.read_volume([tmp_path / "odd.zip"])
+    message = str(caught.value)
+    assert message.startswith("odd.zip: cannot unpack (") and reason in message and "\n" not in message
+
+
 def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):
     # a 300-voxel tumor through slices 1-3, and a blob bigger than any of its slices alone on slice 5
     probs = [np.zeros((64, 64), np.float32) for _ in range(6)]
@@ -390,6 +409,16 @@ def test_flags_and_environment(monkeypatch):
     assert (args.host, args.port, args.model, args.revision) == ("0.0.0.0", 7000, "user/brain-mri-unet", "v1")
     assert app.parse_args(["--model", "m", "--host", "127.0.0.2"]).model == "m"
     assert app.os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--concurrency", "0"], "--concurrency must be at least 1, not 0"),
+    (["--port", "99999"], "--port must be from 1 to 65535, not 99999"),
+])
+def test_flags_that_cannot_work_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 def test_missing_shipped_model_is_one_line_error(monkeypatch, tmp_path, caplog):

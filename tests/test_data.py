@@ -45,6 +45,18 @@ def test_missing_mask_is_named(small_copy):
         scan_dataset(small_copy)
 
 
+def test_a_mask_without_its_image_and_a_slice_stored_twice_are_named(small_copy):
+    image = sorted(small_copy.glob("*/*_2.tif"))[0]
+    twin = image.with_name(image.name.replace("_2.tif", "_02.tif"))  # the same slice number, spelt another way
+    twin.write_bytes(image.read_bytes())
+    twin.with_name(twin.stem + "_mask.tif").write_bytes(image.with_name(image.stem + "_mask.tif").read_bytes())
+    with pytest.raises(DatasetError, match=f"^two images of slice 2: .*{twin.name} and .*{image.name}$"):
+        scan_dataset(small_copy)
+    twin.unlink()
+    with pytest.raises(DatasetError, match=f"^mask without its image: .*{twin.stem}_mask.tif$"):
+        scan_dataset(small_copy)
+
+
 def test_corrupt_image_is_named(small_copy):
     victim = sorted(small_copy.glob("*/*_1.tif"))[0]
     victim.write_bytes(b"II*\x00 this is not a tiff")
@@ -67,7 +79,9 @@ def test_masks_stored_as_0_1_read_as_tumor(tmp_path):
     mask[4:8, 4:8] = 1
     cv2.imwrite(str(tmp_path / "a_mask.tif"), mask)
     cv2.imwrite(str(tmp_path / "b_mask.tif"), mask * 255)
+    cv2.imwrite(str(tmp_path / "c_mask.tif"), mask * 100)
     assert read_mask(tmp_path / "a_mask.tif").sum() == read_mask(tmp_path / "b_mask.tif").sum() == 16
+    assert read_mask(tmp_path / "c_mask.tif").sum() == 16
 
 
 def test_size_mismatch_is_named(small_copy):
@@ -138,6 +152,9 @@ def test_split_stratifies_by_institution_and_says_when_it_cannot(caplog):
     lone = pd.concat([df, pd.DataFrame({"patient": ["TCGA_CC_0001_19990101"], "has_tumor": [True]})])
     split_patients(lone, 0.2, 0.2, seed=0)
     assert "test patients split off stratified by tumor presence: an institution has too few patients" in caplog.text
+    with pytest.raises(DatasetError, match=r"^too few patients \(1\) to split off validation patients "
+                                           r"\(val_fraction 0.15\): use a folder with more patients$"):
+        split_patients(df.head(2))
 
 
 @pytest.mark.real_data

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -195,6 +196,20 @@ def test_cli_with_wrong_token_never_prints_it(server, model_copy, tmp_path):
     assert wrong not in output
 
 
+def test_a_model_that_would_not_load_is_never_pushed(hub_env, model_copy, caplog):
+    assert push_model(model_copy, "alice/unet-good") == 0
+    commits = dict(hub_env.state.repos["alice/unet-good"].commits)
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert push_model(model_copy, "alice/unet-good") == 2
+    assert push_model(model_copy, "alice/unet-broken") == 2
+    assert f"error: {weights} is not a readable safetensors file" in caplog.text and "nothing pushed" in caplog.text
+    assert "alice/unet-broken" not in hub_env.state.repos
+    assert hub_env.state.repos["alice/unet-good"].commits == commits  # the working model stays published
+    assert push_model(model_copy.parent / "missing", "alice/unet-broken") == 2
+    assert f"no model folder at {model_copy.parent / 'missing'}; nothing pushed" in caplog.text
+
+
 def test_other_namespace_is_forbidden(hub_env, model_copy, caplog):
     assert push_model(model_copy, "bob/not-yours") != 0
     assert "403" in caplog.text and "bob" in caplog.text
@@ -204,6 +219,15 @@ def test_no_token_says_how_to_log_in(hub_env, model_copy, monkeypatch, caplog):
     monkeypatch.delenv("HF_TOKEN")
     assert push_model(model_copy, "alice/unet-no-token") != 0
     assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in caplog.text
+
+
+def test_an_endpoint_that_is_no_address_is_a_setting_to_fix(hub_env, model_copy, monkeypatch, caplog):
+    monkeypatch.setenv("HF_ENDPOINT", "huggingface.co")  # the scheme forgotten
+    message = "HF_ENDPOINT='huggingface.co' is not an http(s) address such as https://huggingface.co"
+    assert push_model(model_copy, "alice/unet-no-scheme") == 2
+    assert f"error: {message}; nothing pushed" in caplog.text
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hub.load_for_serving("alice/unet-no-scheme")  # not taken for a dead network: no fallback
 
 
 @pytest.mark.timeout(60)  # a hang guard: the bounded timeouts answer in seconds

@@ -107,8 +107,28 @@ def test_a_broken_model_folder_is_a_one_line_error_naming_the_file(tmp_path):
     weights_path.write_bytes(weights[:1000])
     assert error_of(ValueError).startswith(f"{weights_path} is not a readable safetensors file")
     weights_path.write_bytes(weights)
+    settings = json.loads(config)
+    config_path.write_text(json.dumps({**settings, "treshold": 0.6}))  # a typo would leave the default in use
+    assert error_of(ValueError).startswith(f"{config_path}: unknown setting 'treshold'; a UNet takes in_channels, ")
+    config_path.write_text("[1, 2]")
+    assert error_of(ValueError) == f"{config_path} holds a JSON list, not the model's settings"
+    config_path.write_bytes(b"\x99\xff" * 10)
+    assert error_of(ValueError).startswith(f"{config_path} is not valid JSON")
+    config_path.write_text(json.dumps({**settings, "image_size": 50}))
+    assert error_of(ValueError).startswith(f"{config_path}: in_channels, width and depth must be at least 1 and "
+                                           "image_size a positive multiple of 2**depth, got 3, 8, 2 and 50")
     config_path.unlink()  # the constructor's defaults are another model: refused, not guessed
     assert error_of(FileNotFoundError) == f"no config.json in model folder {tmp_path}"
+
+
+def test_a_config_without_a_setting_loads_with_a_warning_naming_it(tmp_path, caplog):
+    model = UNet(width=8, depth=2, threshold=0.7)
+    model.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "config.json").read_text())
+    del settings["threshold"], settings["largest_3d_component"]  # saved before these existed
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    assert load_model(str(tmp_path)).threshold == 0.5
+    assert f"{tmp_path / 'config.json'} lacks threshold, largest_3d_component: the UNet's defaults are used" in caplog.text
 
 
 def test_folder_without_safetensors_is_refused(tmp_path):

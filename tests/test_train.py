@@ -405,8 +405,21 @@ def test_fn_weight_changes_the_loss_trained_on_and_is_recorded(tmp_path, capsys)
     (["--tumor-fraction", "2"], "--tumor-fraction is a share of each batch, from 0 to 1, not 2.0"),
     (["--epochs", "0"], "--epochs and --patience must be at least 1"),
     (["--fold", "3"], "--fold 3 needs --folds K"),
-    (["--image-size", "100"], "--image-size 100 must be a multiple of 2**depth = 16"),
+    (["--image-size", "100"], "--image-size 100 must be a positive multiple of 2**depth = 16"),
+    (["--image-size", "0"], "--image-size 0 must be a positive multiple of 2**depth = 16"),
     (["--push"], "--push needs --repo-id USER/NAME"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, not 0"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1, not 0"),
+    (["--width", "0"], "--width must be at least 1, not 0"),
+    (["--workers", "-1"], "--workers cannot be negative, not -1"),
+    (["--lr", "nan"], "--lr must be a positive number, not nan"),
+    (["--flair-only-p", "2"], "--flair-only-p is a probability, from 0 to 1, not 2.0"),
+    (["--val-fraction", "0"], "--val-fraction must lie between 0 and 1, not 0.0"),
+    (["--test-fraction", "-0.1"], "--test-fraction must be from 0 to below 1 - --val-fraction, not -0.1"),
+    (["--patients", "-1"], "--patients must be at least 3 (train, validation, test), not -1"),
+    (["--folds", "5", "--fold", "5"], "--fold must be from 0 to 4, not 5"),
+    (["--threshold", "1"], "--threshold must lie between 0 and 1, not 1.0"),
 ])
 def test_settings_that_cannot_work_are_refused_before_any_data_is_read(args, message, capsys):
     with pytest.raises(SystemExit):
@@ -433,3 +446,23 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops_the_run(tmp_path, 
     shipped = load_model(str(out / "model")).state_dict()
     assert all(torch.equal(shipped[k], weights_seen[1][k]) for k in shipped)  # epoch 2's weights
     assert not all(torch.equal(shipped[k], weights_seen[3][k]) for k in shipped)
+
+
+def test_a_run_is_never_overwritten_and_a_broken_checkpoint_is_named(tmp_path, caplog):
+    out = tmp_path / "run"
+    base = ["--synthetic", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "64",
+            "--width", "4", "--no-tune", "--out-dir", str(out)]
+    assert train.main(base) == 0
+    checkpoint = (out / "last.pt").read_bytes()
+    caplog.set_level(logging.ERROR, logger="train")
+    assert train.main(base) == 2  # the same command again, without --resume
+    assert f"{out} already holds a run (last.pt): add --resume" in caplog.text
+    assert (out / "last.pt").read_bytes() == checkpoint
+    (out / "last.pt").write_bytes(checkpoint[: len(checkpoint) // 2])  # a copy cut short
+    assert train.main([*base, "--resume"]) == 2
+    assert f"{out / 'last.pt'} is not a readable checkpoint" in caplog.text
+    torch.save({"weights": 1}, out / "last.pt")
+    assert train.main([*base, "--resume"]) == 2
+    assert f"{out / 'last.pt'} is not a checkpoint of train.py" in caplog.text
+    assert train.main([*base[:-1], str(tmp_path / "big"), "--batch-size", "1000"]) == 2
+    assert "--batch-size 1000 is more than the" in caplog.text

@@ -51,9 +51,13 @@ def imread_quietly(path: str | Path) -> np.ndarray | None:
 
 
 def binary_mask(mask: np.ndarray) -> np.ndarray:
-    """A mask image, 0/255 or 0/1, gray or colour (alpha ignored) -> HxW bool."""
+    """A mask image, 0/255 or 0 and any other one value (0/1, 0/100), gray or colour (alpha ignored) -> HxW bool.
+
+    Half of 255 separates a 0/255 mask saved lossily (JPEG) from its noise; a mask whose values all
+    lie under it is read as zero against the rest.
+    """
     gray = mask[..., :3].max(axis=2) if mask.ndim == 3 else mask
-    return gray > (127 if gray.max() > 1 else 0)
+    return gray > (127 if gray.max() > 127 else 0)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -85,7 +89,11 @@ def scan_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
     for patient_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for image_path in sorted(patient_dir.glob("*.tif")):
             match = SLICE_RE.match(image_path.name)
-            if image_path.name.endswith("_mask.tif") or match is None:
+            if image_path.name.endswith("_mask.tif"):
+                if not image_path.with_name(image_path.name[: -len("_mask.tif")] + ".tif").is_file():
+                    raise DatasetError(f"mask without its image: {image_path}")
+                continue
+            if match is None:
                 continue
             mask_path = image_path.with_name(image_path.stem + "_mask.tif")
             if not mask_path.is_file():
@@ -110,6 +118,10 @@ def scan_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
     if not rows:
         raise DatasetError(f"no slices found in {folder} (expected <PATIENT>/<PATIENT>_<n>.tif)")
     df = pd.DataFrame(rows).sort_values(["patient", "slice"], ignore_index=True)
+    twins = df[df.duplicated(["patient", "slice"], keep=False)]
+    if len(twins):  # e.g. _5.tif and _05.tif: the volume's order would be a guess
+        raise DatasetError(f"two images of slice {twins['slice'].iloc[0]}: {twins['image_path'].iloc[0]} and "
+                           f"{twins['image_path'].iloc[1]}")
     df["has_tumor"] = df["tumor_pixels"] > 0
     return df
 
@@ -141,7 +153,7 @@ def split_patients(
         "nothing": None,
     }
 
-    def split(frame: pd.DataFrame, fraction: float, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def split(frame: pd.DataFrame, fraction: float, name: str, given: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if fraction <= 0:
             return frame, frame.iloc[:0]
         for by, strata in strata_options.items():
@@ -155,7 +167,8 @@ def split_patients(
             if by != "tumor presence and institution":
                 log.info("%s patients split off stratified by %s: an institution has too few patients", name, by)
             return parts
-        raise DatasetError(f"cannot split {len(frame)} patients with fraction {fraction}")
+        raise DatasetError(f"too few patients ({len(frame)}) to split off {name} patients ({given}): "
+                           "use a folder with more patients")
 
     if folds:
         if folds < 2 or not 0 <= fold < folds:
@@ -173,9 +186,9 @@ def split_patients(
         rest, test = patients.iloc[rest_index], patients.iloc[test_index]
         test_fraction = 1 / folds
     else:
-        rest, test = split(patients, test_fraction, "test")
+        rest, test = split(patients, test_fraction, "test", f"test_fraction {test_fraction}")
     rest_val_fraction = val_fraction / (1 - test_fraction) if test_fraction < 1 else 0
-    train, val = split(rest, rest_val_fraction, "validation")
+    train, val = split(rest, rest_val_fraction, "validation", f"val_fraction {val_fraction}")
     return {name: sorted(part["patient"]) for name, part in (("train", train), ("val", val), ("test", test))}
 
 
@@ -312,12 +325,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         df = scan_dataset(args.data_dir)
+        per_patient = df.groupby("patient")["has_tumor"]
+        log.info("%d patients, %d slices, %d with tumor", per_patient.ngroups, len(df), int(df["has_tumor"].sum()))
+        splits = split_patients(df, seed=args.seed)
     except DatasetError as error:
         log.error("error: %s", error)
         return 2
-    per_patient = df.groupby("patient")["has_tumor"]
-    log.info("%d patients, %d slices, %d with tumor", per_patient.ngroups, len(df), int(df["has_tumor"].sum()))
-    splits = split_patients(df, seed=args.seed)
     for name, patients in splits.items():
         part = df[df["patient"].isin(patients)]
         log.info("%-5s %3d patients %5d slices %4d with tumor", name, len(patients), len(part), int(part["has_tumor"].sum()))

@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"--{given[0].replace('_', '-')} does not apply")
     if args.fold and not args.folds:
         parser.error(f"--fold {args.fold} needs --folds K (the number of folds)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -55,8 +55,14 @@ class HubUnavailable(ConnectionError):
 
 
 def hub_endpoint() -> str:
-    """The Hub to talk to: ``HF_ENDPOINT`` now, else the client's default."""
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    """The Hub to talk to: ``HF_ENDPOINT`` now, else the client's default.
+
+    A value that is no http(s) address is a setting to fix, not a network that is down.
+    """
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"HF_ENDPOINT={endpoint!r} is not an http(s) address such as https://huggingface.co")
+    return endpoint
 
 
 def _bound_timeouts(request: httpx2.Request) -> None:

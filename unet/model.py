@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors import SafetensorError
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Per-channel statistics of the LGG training slices scaled to [0, 1] (channel order
 # pre-contrast, FLAIR, post-contrast), measured on the 42 training patients of the default split by
@@ -43,6 +46,12 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+# The constructor's settings, all of them written to config.json: the model's preprocessing and post-processing
+# contract with every consumer.
+CONFIG_KEYS = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
+               "normalization", "threshold", "min_component_area", "tta_flips", "largest_3d_component")
 
 
 class UNet(
@@ -81,6 +90,12 @@ class UNet(
             raise ValueError(f"normalization must be 'dataset' or 'slice', got {normalization!r}")
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
+        if min(in_channels, width, depth) < 1 or image_size < 1 or image_size % 2**depth:
+            raise ValueError(f"in_channels, width and depth must be at least 1 and image_size a positive multiple of "
+                             f"2**depth, got {in_channels}, {width}, {depth} and {image_size}")
+        if not 0 < threshold < 1 or min_component_area < 0:
+            raise ValueError(f"threshold must lie between 0 and 1 and min_component_area be at least 0, got "
+                             f"{threshold} and {min_component_area}")
         self.in_channels, self.width, self.depth, self.upsampling = in_channels, width, depth, upsampling
         self.image_size = image_size
         # The preprocessing and post-processing contract, stored in config.json.
@@ -117,9 +132,8 @@ class UNet(
     @property
     def config(self) -> dict:
         """The constructor arguments as they stand now, including tuned post-processing."""
-        keys = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
-                "normalization", "threshold", "min_component_area", "tta_flips", "largest_3d_component")
-        return {k: list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k) for k in keys}
+        return {k: list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k)
+                for k in CONFIG_KEYS}
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # Write config.json ourselves (the mixin then keeps it) so that post-processing
@@ -149,6 +163,7 @@ def load_model(source: str, revision: str | None = None, device: str | torch.dev
 
     model_dir = resolve_model_dir(source, revision=revision)
     config, weights = model_dir / "config.json", model_dir / "model.safetensors"
+    check_config(config)
     try:
         # The mixin print()s "Loading weights from local directory": dropped, stdout is for results (--json).
         with contextlib.redirect_stdout(io.StringIO()):
@@ -162,7 +177,28 @@ def load_model(source: str, revision: str | None = None, device: str | torch.dev
     except RuntimeError as error:  # strict loading: the weights are not those of the net config.json describes
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise ValueError(f"{weights} does not fit {config}: {detail}") from None
+    except ValueError as error:  # a setting the UNet refuses
+        raise ValueError(f"{config}: {error}") from None
     return model.to(device).eval()
+
+
+def check_config(path: Path) -> None:
+    """Refuse a config.json that is not a JSON object of UNet settings; warn about settings it lacks.
+
+    A misspelt key would otherwise be dropped and its default used: another model than the one scored.
+    """
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} holds a JSON {type(settings).__name__}, not the model's settings")
+    unknown = sorted(settings.keys() - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting {unknown[0]!r}; a UNet takes {', '.join(CONFIG_KEYS)}")
+    missing = [k for k in CONFIG_KEYS if k not in settings]
+    if missing:  # models saved before a setting existed
+        log.warning("%s lacks %s: the UNet's defaults are used", path, ", ".join(missing))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,6 +33,7 @@ from unet.card import model_card_text
 from unet.data import DatasetError, example_slices, read_image, read_mask, scan_dataset
 from unet.evaluate import recorded_metrics
 from unet.hub import NETWORK_ERRORS, hub_endpoint, use_short_timeouts
+from unet.model import load_model
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,14 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
     ``examples_from`` is a `unet.data.scan_dataset` frame of test slices to pick the examples from.
     """
     model_dir = Path(model_dir)
-    endpoint = hub_endpoint()
+    try:  # what the Hub would serve must load: a broken folder is refused before anything is uploaded
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"no model folder at {model_dir}")
+        load_model(str(model_dir))
+        endpoint = hub_endpoint()
+    except (FileNotFoundError, ValueError) as error:
+        log.error("error: %s; nothing pushed", error)
+        return 2
     data_dir = Path(examples_from["image_path"].iloc[0]).parent.parent if examples_from is not None and len(examples_from) else None
     retry = retry_command(model_dir, repo_id, private, revision, data_dir)
     token = get_token()

@@ -142,9 +142,8 @@ def split_patients(
     coarser strata when a stratum is too small to be split, and saying so. The 70/15/15 split
     of a folder in which an institution has a single patient (EZ, in the 60-patient subset)
     is thus stratified by tumor presence alone, which is random by patient where every
-    patient has tumor. With ``folds`` > 1 the test patients
-    are fold ``fold`` of a k-fold split instead of ``test_fraction``, so the runs of folds
-    0..k-1 test every patient exactly once.
+    patient has tumor. With ``folds`` > 1 the test patients are fold ``fold`` of a k-fold
+    split instead of ``test_fraction``, so the runs of folds 0..k-1 test every patient once.
     """
     patients = df.groupby("patient")["has_tumor"].any().reset_index()
     strata_options = {

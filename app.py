@@ -37,7 +37,7 @@ import pandas as pd
 from huggingface_hub import ModelCard
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from unet.data import DatasetError, binary_mask, example_slices, find_kaggle_3m, scan_dataset
+from unet.data import DatasetError, binary_mask, example_slices, find_kaggle_3m, imdecode_quietly, scan_dataset
 from unet.evaluate import recorded_metrics
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
 from unet.inference import (keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference,
@@ -91,8 +91,8 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: the file is empty")
     notes = []
     try:
-        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
-            warnings.simplefilter("ignore")  # Pillow's warnings on damaged metadata: the image either decodes or is refused
+        # Pillow warns about damaged metadata: the image either decodes or is refused in one line, so no more is said.
+        with warnings.catch_warnings(action="ignore"), Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE:
                 raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
@@ -101,7 +101,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
             if im.mode in ("RGB", "RGBA") and ";16" in _rawmode(im):
                 # Pillow would cut 16-bit colour to its high byte: decode it at full depth instead
                 # (OpenCV gives BGR order: flip back to the file's RGB).
-                array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+                array = imdecode_quietly(data)
                 if array is None:
                     raise InputError(f"{name}: cannot decode this 16-bit colour image")
                 if array.ndim == 3 and array.shape[2] == 4:  # onto black, like the 8-bit path
@@ -126,9 +126,14 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
     except Image.DecompressionBombError:
         raise InputError(f"{name}: the image is too large to decode safely") from None
     except UnidentifiedImageError:
-        if data.startswith(IMAGE_SIGNATURES):  # the start of an image file whose rest is missing or damaged
-            raise InputError(f"{name}: the image is corrupt or truncated") from None
-        raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)") from None
+        array = imdecode_quietly(data)  # OpenCV reads some files Pillow cannot, e.g. a float colour TIFF
+        if array is None or array.ndim not in (2, 3):
+            if data.startswith(IMAGE_SIGNATURES):  # the start of an image file whose rest is missing or damaged
+                raise InputError(f"{name}: the image is corrupt or truncated") from None
+            raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)") from None
+        array = array[..., 2::-1] if array.ndim == 3 and array.shape[2] >= 3 else array  # BGR(A) -> RGB
+        if array.dtype != np.uint8:
+            notes.append("high bit-depth image: rescaled to 8 bits by its own intensity range")
     except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{name}: the image is corrupt or truncated ({str(error).splitlines()[0]})") from None
     if array.dtype.kind == "f":

@@ -148,10 +148,13 @@ def write_inputs(folder: Path) -> dict[str, Path]:
     # OpenCV writes its BGR arrays as RGB files: flip so the file holds RGB * 40.
     cv2.imwrite(str(files.setdefault("rgb16_tiff", folder / "rgb16.tif")), (rgb.astype(np.uint16) * 40)[..., ::-1])
     cv2.imwrite(str(files.setdefault("rgb16_png", folder / "rgb16.png")), (rgb.astype(np.uint16) * 40)[..., ::-1])
+    # Pillow cannot open a float colour TIFF; OpenCV can
+    cv2.imwrite(str(files.setdefault("rgb_float_tiff", folder / "rgbf.tif")), (rgb / 255).astype(np.float32)[..., ::-1])
     return files
 
 
-@pytest.mark.parametrize("kind", ["png", "tiff", "jpeg", "rgba", "gray", "gray16_png", "gray16_tiff", "rgb16_tiff", "rgb16_png"])
+@pytest.mark.parametrize("kind", ["png", "tiff", "jpeg", "rgba", "gray", "gray16_png", "gray16_tiff", "rgb16_tiff", "rgb16_png",
+                                  "rgb_float_tiff"])
 def test_inputs_are_converted_as_trained(tmp_path, kind):
     path = write_inputs(tmp_path)[kind]
     sl = app.load_slice(path)
@@ -162,6 +165,9 @@ def test_inputs_are_converted_as_trained(tmp_path, kind):
     elif kind.startswith("rgb16"):
         assert pixel[0] < pixel[1] < pixel[2] and pixel[2] == 255  # file order kept, rescaled by its range
         assert any("16-bit" in n for n in sl.notes)
+    elif kind == "rgb_float_tiff":
+        assert pixel[0] < pixel[1] < pixel[2] and pixel[2] == 255
+        assert any("high bit-depth" in n for n in sl.notes)
     else:
         assert np.abs(pixel - RGB).max() <= 2  # RGB file order kept (JPEG: within rounding)
     if kind == "gray16_png":

@@ -9,10 +9,12 @@ records ``channel_order="RGB"`` and every consumer (training, evaluation, app) g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import albumentations as A
@@ -40,14 +42,26 @@ def find_kaggle_3m(root: str | Path) -> Path:
     return root / "kaggle_3m" if (root / "kaggle_3m").is_dir() else root
 
 
-def imread_quietly(path: str | Path) -> np.ndarray | None:
-    """cv2.imread without OpenCV's own log lines for a damaged file: the caller raises one line naming it."""
+@contextlib.contextmanager
+def _opencv_silenced() -> Iterator[None]:
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        yield
     finally:
         cv2.utils.logging.setLogLevel(level)
+
+
+def imread_quietly(path: str | Path) -> np.ndarray | None:
+    """cv2.imread without OpenCV's own log lines for a damaged file: the caller raises one line naming it."""
+    with _opencv_silenced():
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def imdecode_quietly(data: bytes) -> np.ndarray | None:
+    """`imread_quietly` for the bytes of a file (OpenCV's channel order: BGR)."""
+    with _opencv_silenced():
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def binary_mask(mask: np.ndarray) -> np.ndarray:

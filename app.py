@@ -793,7 +793,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the app with model %s: %s", args.model or SHIPPED_MODEL_DIR.name, first)
         return 2
     log.info("serving %s%s", serving.description, f" ({serving.notice})" if serving.notice else "")
-    launch(demo, args.host, args.port, args.concurrency)
+    try:
+        launch(demo, args.host, args.port, args.concurrency)
+    except OSError as error:  # a port in use or an address this machine does not have
+        log.error("cannot listen on %s:%d (%s): check --host and --port", args.host, args.port,
+                  str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        return 2
     return 0
 
 

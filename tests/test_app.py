@@ -443,6 +443,18 @@ def test_bad_model_is_one_line_error(tmp_path, caplog):
     assert len(errors) == 1 and "\n" not in errors[0] and "cannot start" in errors[0]
 
 
+def test_a_port_in_use_is_one_line_naming_it(tiny_model_dir, caplog):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="app"):
+            assert app.main(["--model", str(tiny_model_dir), "--port", str(port)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.name == "app" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"cannot listen on 127.0.0.1:{port} (")
+    assert errors[0].endswith("): check --host and --port")
+
+
 # --- the API, through gradio_client --------------------------------------------------------
 
 @pytest.fixture(scope="module")

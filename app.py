@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home, from any Blocks or launch of this process
+# OpenCV reads this once, before its first decode: it then refuses an image over 4096 x 4096 (MAX_SIDE) before
+# allocating it, so a small compressed upload cannot claim gigabytes.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(4096 * 4096))
 
 import argparse
 import atexit
@@ -46,6 +49,9 @@ from unet.metrics import dice, pixel_counts
 from unet.model import UNet
 
 log = logging.getLogger("app")
+# Pillow warns about damaged metadata (e.g. "Corrupt EXIF data"): an upload either decodes or is refused in one
+# line, so the log needs no more. A filter for the process, set once: catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 ROOT = Path(__file__).resolve().parent
 PROJECT_EXAMPLES_DIR = ROOT / "examples"  # synthetic slices written by examples/make_examples.py
@@ -91,8 +97,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: the file is empty")
     notes = []
     try:
-        # Pillow warns about damaged metadata: the image either decodes or is refused in one line, so no more is said.
-        with warnings.catch_warnings(action="ignore"), Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE:
                 raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
@@ -126,14 +131,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
     except Image.DecompressionBombError:
         raise InputError(f"{name}: the image is too large to decode safely") from None
     except UnidentifiedImageError:
-        array = imdecode_quietly(data)  # OpenCV reads some files Pillow cannot, e.g. a float colour TIFF
-        if array is None or array.ndim not in (2, 3):
-            if data.startswith(IMAGE_SIGNATURES):  # the start of an image file whose rest is missing or damaged
-                raise InputError(f"{name}: the image is corrupt or truncated") from None
-            raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)") from None
-        array = array[..., 2::-1] if array.ndim == 3 and array.shape[2] >= 3 else array  # BGR(A) -> RGB
-        if array.dtype != np.uint8:
-            notes.append("high bit-depth image: rescaled to 8 bits by its own intensity range")
+        array = opencv_decode(data, name, notes)  # OpenCV reads some files Pillow cannot, e.g. a float colour TIFF
     except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{name}: the image is corrupt or truncated ({str(error).splitlines()[0]})") from None
     if array.dtype.kind == "f":
@@ -145,6 +143,28 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         return Slice(to_rgb_uint8(array), notes)
     except ValueError as error:
         raise InputError(f"{name}: {error}") from None
+
+
+def opencv_decode(data: bytes, name: str, notes: list[str]) -> np.ndarray:
+    """The image Pillow could not identify, decoded by OpenCV in the file's RGB order, or InputError."""
+    try:
+        array = imdecode_quietly(data)
+    except cv2.error:  # e.g. a header claiming more pixels than OPENCV_IO_MAX_IMAGE_PIXELS
+        raise InputError(f"{name}: the image is too large to decode safely") from None
+    if array is None or array.ndim not in (2, 3):
+        if data.startswith(IMAGE_SIGNATURES):  # the start of an image file whose rest is missing or damaged
+            raise InputError(f"{name}: the image is corrupt or truncated")
+        raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)")
+    if max(array.shape[:2]) > MAX_SIDE:
+        h, w = array.shape[:2]
+        raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
+    if array.ndim == 3 and array.shape[2] == 4:  # onto black, like Pillow's path
+        scale = np.iinfo(array.dtype).max if array.dtype.kind in "ui" else 1.0
+        array = array[..., :3] * (array[..., 3:] / scale)
+        notes.append("transparency flattened onto black")
+    if array.dtype != np.uint8:
+        notes.append("high bit-depth image: rescaled to 8 bits by its own intensity range")
+    return array[..., 2::-1] if array.ndim == 3 and array.shape[2] >= 3 else array  # BGR -> RGB
 
 
 def read_upload(path: str | Path) -> bytes:
@@ -525,7 +545,12 @@ def load_examples(serving: ServingModel, examples_dir: str | Path | None, out_di
 def card_body(model_dir: Path) -> str:
     """The model card without its YAML header, or '' if there is none."""
     card = model_dir / "README.md"
-    return ModelCard.load(card).text.strip() if card.is_file() else ""  # a missing path would be taken for a repo id
+    if not card.is_file():  # checked first: ModelCard.load takes a missing path for a repo id
+        return ""
+    try:
+        return ModelCard.load(card, ignore_metadata_errors=True).text.strip()
+    except Exception:  # noqa: BLE001 - a hand-edited card must not stop the app: show it as it is
+        return card.read_text(encoding="utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,10 +51,10 @@ log = logging.getLogger("train")
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "lgg_subset"
 PUBLISH_OPTIONS = ("push", "repo_id", "private", "revision")
-# What a --resume may change: the run's length, the machine, where the data and run live, publishing, and the
-# post-processing chosen after the last epoch.
-RUN_CONTROL_OPTIONS = ("resume", "epochs", "patience", "workers", "device", "data_dir", "out_dir", *PUBLISH_OPTIONS,
-                       "no_tune", "tta", "threshold", "min_component_area", "largest_3d_component")
+# What a --resume may change, where its command line names it: the run's length, the machine, where the data lies,
+# what follows the last epoch (post-processing, publishing). Everything else is fixed by the run's first start.
+RUN_CONTROL_OPTIONS = ("epochs", "patience", "workers", "device", "data_dir", "no_tune", "tta", "threshold",
+                       "min_component_area", "largest_3d_component", *PUBLISH_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,20 +187,22 @@ def training_command(args: argparse.Namespace) -> str:
 
 
 def restore_run_settings(args: argparse.Namespace, saved: dict, named: set[str]) -> None:
-    """Give a resumed run the settings of its first start: its data, split and model are fixed then.
+    """Make a resumed run the run it was: its first command line, with the run-control options the new
+    command line names (e.g. a longer ``--epochs``) taking their new values.
 
-    Only the run-control options (length, machine, publishing) may change; any other option the command
-    line names with another value is ignored, with a warning.
+    Any other option the new command line names with another value is ignored, with a warning: the
+    data, split, model and recipe of a run are fixed by its first start.
     """
     for key in vars(args):
-        if key in RUN_CONTROL_OPTIONS:
+        if key in ("resume", "out_dir") or key not in saved:  # runs older than a flag lack it: its default
             continue
-        value = saved.get(key, getattr(args, key))  # runs older than a flag lack it
-        if key in named and getattr(args, key) != value:
-            log.warning("--resume keeps the run's --%s %s; the %s given is ignored", key.replace("_", "-"), value,
-                        getattr(args, key))
-        setattr(args, key, value)
-    args.data_dir = args.data_dir or saved.get("data_dir")  # the data may sit elsewhere now; the split is by patient id
+        if key in named:
+            if key in RUN_CONTROL_OPTIONS:
+                continue
+            if getattr(args, key) != saved[key]:
+                log.warning("--resume keeps the run's --%s %s; the %s given is ignored", key.replace("_", "-"),
+                            saved[key], getattr(args, key))
+        setattr(args, key, saved[key])
 
 
 def load_splits(args: argparse.Namespace, out_dir: Path,
@@ -464,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device).to(memory_format=torch.channels_last)
     train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p), model.mean, model.std,
                            model.normalization)
-    if len(train_set) < args.batch_size:
-        log.error("error: --batch-size %d is more than the %d training slices", args.batch_size, len(train_set))
+    if args.steps_per_epoch is None and len(train_set) < args.batch_size:  # an epoch of no steps
+        log.error("error: --batch-size %d is more than the %d training slices (or give --steps-per-epoch)",
+                  args.batch_size, len(train_set))
         return 2
     steps_per_epoch = args.steps_per_epoch or len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
@@ -583,5 +586,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # last.pt is at most --checkpoint-every steps old
-        log.error("interrupted: run the same command with --resume to go on from the last checkpoint")
+        log.error("interrupted: the same command with --resume goes on from OUT_DIR/last.pt, where there is one")
         sys.exit(130)

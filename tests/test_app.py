@@ -175,6 +175,14 @@ def test_inputs_are_converted_as_trained(tmp_path, kind):
     assert sl.image[0, 0].max() == 0  # background stays black (RGBA flattened onto black)
 
 
+def test_an_image_only_opencv_reads_is_bounded_like_the_rest(tmp_path):
+    wide = np.zeros((8, 5000, 3), np.float32)  # a float colour TIFF, which Pillow cannot open
+    ok, encoded = cv2.imencode(".tif", wide)
+    assert ok
+    with pytest.raises(app.InputError, match="^wide.tif: the image is 5000x8 pixels; at most 4096x4096 is accepted$"):
+        app.decode_image(encoded.tobytes(), "wide.tif")
+
+
 def test_transparent_pixels_flatten_to_black(tmp_path):
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., :3] = 255  # white but fully transparent

@@ -151,7 +151,7 @@ def test_split_stratifies_by_institution_and_says_when_it_cannot(caplog):
     assert "stratified by tumor presence" not in caplog.text
     lone = pd.concat([df, pd.DataFrame({"patient": ["TCGA_CC_0001_19990101"], "has_tumor": [True]})])
     split_patients(lone, 0.2, 0.2, seed=0)
-    assert "test patients split off stratified by tumor presence: an institution has too few patients" in caplog.text
+    assert "test patients split off stratified by tumor presence only: the finer strata have too few" in caplog.text
     with pytest.raises(DatasetError, match=r"^too few patients \(1\) to split off validation patients "
                                            r"\(val_fraction 0.15\): use a folder with more patients$"):
         split_patients(df.head(2))

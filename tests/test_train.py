@@ -193,6 +193,10 @@ def test_resume_keeps_the_runs_settings_and_says_which_it_ignored(tmp_path, capl
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["width"] == 4 and config["threshold"] == 0.7
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
+    # A bare --resume is the run as it last stood: no default --epochs 60, no default threshold.
+    assert train.main(["--out-dir", str(out), "--resume"]) == 0
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
+    assert json.loads((out / "model" / "config.json").read_text())["threshold"] == 0.7
 
 
 def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
@@ -464,5 +468,6 @@ def test_a_run_is_never_overwritten_and_a_broken_checkpoint_is_named(tmp_path, c
     torch.save({"weights": 1}, out / "last.pt")
     assert train.main([*base, "--resume"]) == 2
     assert f"{out / 'last.pt'} is not a checkpoint of train.py" in caplog.text
-    assert train.main([*base[:-1], str(tmp_path / "big"), "--batch-size", "1000"]) == 2
+    big = ["--synthetic", "--epochs", "1", "--batch-size", "1000", "--image-size", "64", "--width", "4", "--no-tune"]
+    assert train.main([*big, "--out-dir", str(tmp_path / "big")]) == 2  # an epoch would have no step
     assert "--batch-size 1000 is more than the" in caplog.text

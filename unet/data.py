@@ -178,7 +178,8 @@ def split_patients(
             except ValueError:  # a stratum too small for the fraction
                 continue
             if by != "tumor presence and institution":
-                log.info("%s patients split off stratified by %s: an institution has too few patients", name, by)
+                log.info("%s patients split off stratified by %s only: the finer strata have too few patients",
+                         name, by)
             return parts
         raise DatasetError(f"too few patients ({len(frame)}) to split off {name} patients ({given}): "
                            "use a folder with more patients")

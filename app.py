@@ -104,16 +104,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
             if w < 1 or h < 1:
                 raise InputError(f"{name}: the image has no pixels")
             if im.mode in ("RGB", "RGBA") and ";16" in _rawmode(im):
-                # Pillow would cut 16-bit colour to its high byte: decode it at full depth instead
-                # (OpenCV gives BGR order: flip back to the file's RGB).
-                array = imdecode_quietly(data)
-                if array is None:
-                    raise InputError(f"{name}: cannot decode this 16-bit colour image")
-                if array.ndim == 3 and array.shape[2] == 4:  # onto black, like the 8-bit path
-                    array = array[..., :3] * (array[..., 3:] / np.iinfo(array.dtype).max)
-                    notes.append("transparency flattened onto black")
-                array = array[..., 2::-1] if array.ndim == 3 else array
-                notes.append("16-bit image: rescaled to 8 bits by its own intensity range")
+                array = opencv_decode(data, name, notes)  # Pillow would cut 16-bit colour to its high byte
             else:
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -146,7 +137,8 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
 
 
 def opencv_decode(data: bytes, name: str, notes: list[str]) -> np.ndarray:
-    """The image Pillow could not identify, decoded by OpenCV in the file's RGB order, or InputError."""
+    """An image Pillow cannot read at full depth (16-bit colour) or at all (float colour TIFF), decoded by
+    OpenCV in the file's RGB order, transparency flattened onto black like Pillow's path; or InputError."""
     try:
         array = imdecode_quietly(data)
     except cv2.error:  # e.g. a header claiming more pixels than OPENCV_IO_MAX_IMAGE_PIXELS
@@ -158,12 +150,14 @@ def opencv_decode(data: bytes, name: str, notes: list[str]) -> np.ndarray:
     if max(array.shape[:2]) > MAX_SIDE:
         h, w = array.shape[:2]
         raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
-    if array.ndim == 3 and array.shape[2] == 4:  # onto black, like Pillow's path
-        scale = np.iinfo(array.dtype).max if array.dtype.kind in "ui" else 1.0
+    stored = array.dtype  # before flattening makes it float
+    if array.ndim == 3 and array.shape[2] == 4:
+        scale = np.iinfo(stored).max if stored.kind in "ui" else 1.0
         array = array[..., :3] * (array[..., 3:] / scale)
         notes.append("transparency flattened onto black")
-    if array.dtype != np.uint8:
-        notes.append("high bit-depth image: rescaled to 8 bits by its own intensity range")
+    if stored != np.uint8:
+        notes.append(f"{'16-bit' if stored == np.uint16 else 'high bit-depth'} image: "
+                     "rescaled to 8 bits by its own intensity range")
     return array[..., 2::-1] if array.ndim == 3 and array.shape[2] >= 3 else array  # BGR -> RGB
 
 

@@ -33,14 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
-from unet.data import (
-    DatasetError,
-    LGGDataset,
-    channel_stats,
-    scan_dataset,
-    split_patients,
-    train_transforms,
-)
+from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
 from unet.evaluate import evaluate_model, options_named, predict_frame, score
 from unet.inference import autocast_dtype, autocast_for, pick_device
 from unet.losses import BCEDiceLoss

@@ -168,9 +168,7 @@ def load_model(source: str, revision: str | None = None, device: str | torch.dev
         # The mixin print()s "Loading weights from local directory": dropped, stdout is for results (--json).
         with contextlib.redirect_stdout(io.StringIO()):
             model = UNet.from_pretrained(model_dir, strict=True, map_location=str(device))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config} is not valid JSON ({error})") from None
-    except TypeError as error:  # a key the UNet does not take
+    except TypeError as error:  # a setting of the wrong type, e.g. "threshold": null
         raise ValueError(f"{config} does not describe this UNet ({error})") from None
     except SafetensorError as error:
         raise ValueError(f"{weights} is not a readable safetensors file ({error})") from None

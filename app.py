@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 
+MAX_SIDE = 4096  # pixels per side; larger images are refused before they are decoded
+
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home, from any Blocks or launch of this process
-# OpenCV reads this once, before its first decode: it then refuses an image over 4096 x 4096 (MAX_SIDE) before
+# OpenCV reads this once, before its first decode: it then refuses an image over MAX_SIDE x MAX_SIDE before
 # allocating it, so a small compressed upload cannot claim gigabytes.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(4096 * 4096))
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_SIDE * MAX_SIDE))
 
 import argparse
 import atexit
@@ -58,7 +60,6 @@ PROJECT_EXAMPLES_DIR = ROOT / "examples"  # synthetic slices written by examples
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")  # PNG, JPEG, TIFF: how they begin
 MAX_FILE_MB = 50  # per upload, enforced by the server (launch max_file_size) and by read_upload
-MAX_SIDE = 4096  # pixels per side; larger images are refused before they are decoded
 MAX_VOLUME_SLICES = 200
 MAX_VOLUME_PIXELS = 200 * 512 * 512
 BACKGROUND_LEVEL = 8  # a pixel whose brightest channel is above this counts as brain (not background)

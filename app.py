@@ -100,8 +100,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            if w > MAX_SIDE or h > MAX_SIDE:
-                raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
+            refuse_oversize(name, w, h)
             if w < 1 or h < 1:
                 raise InputError(f"{name}: the image has no pixels")
             if im.mode in ("RGB", "RGBA") and ";16" in _rawmode(im):
@@ -113,8 +112,7 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
                     im = Image.alpha_composite(background, im.convert("RGBA"))
                     notes.append("transparency flattened onto black")
                 if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                    notes.append(f"{'16-bit' if im.mode.startswith('I;16') else 'high bit-depth'} image: "
-                                 "rescaled to 8 bits by its own intensity range")
+                    notes.append(rescaled_note(sixteen_bit=im.mode.startswith("I;16")))
                 elif im.mode not in ("L", "RGB"):
                     im = im.convert("RGB")
                 array = np.asarray(im)
@@ -137,6 +135,15 @@ def decode_image(data: bytes, name: str = "upload") -> Slice:
         raise InputError(f"{name}: {error}") from None
 
 
+def refuse_oversize(name: str, width: int, height: int) -> None:
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise InputError(f"{name}: the image is {width}x{height} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
+
+
+def rescaled_note(sixteen_bit: bool) -> str:
+    return f"{'16-bit' if sixteen_bit else 'high bit-depth'} image: rescaled to 8 bits by its own intensity range"
+
+
 def opencv_decode(data: bytes, name: str, notes: list[str]) -> np.ndarray:
     """An image Pillow cannot read at full depth (16-bit colour) or at all (float colour TIFF), decoded by
     OpenCV in the file's RGB order, transparency flattened onto black like Pillow's path; or InputError."""
@@ -148,17 +155,14 @@ def opencv_decode(data: bytes, name: str, notes: list[str]) -> np.ndarray:
         if data.startswith(IMAGE_SIGNATURES):  # the start of an image file whose rest is missing or damaged
             raise InputError(f"{name}: the image is corrupt or truncated")
         raise InputError(f"{name}: not an image (expected PNG, JPEG or TIFF)")
-    if max(array.shape[:2]) > MAX_SIDE:
-        h, w = array.shape[:2]
-        raise InputError(f"{name}: the image is {w}x{h} pixels; at most {MAX_SIDE}x{MAX_SIDE} is accepted")
+    refuse_oversize(name, array.shape[1], array.shape[0])
     stored = array.dtype  # before flattening makes it float
     if array.ndim == 3 and array.shape[2] == 4:
         scale = np.iinfo(stored).max if stored.kind in "ui" else 1.0
         array = array[..., :3] * (array[..., 3:] / scale)
         notes.append("transparency flattened onto black")
     if stored != np.uint8:
-        notes.append(f"{'16-bit' if stored == np.uint16 else 'high bit-depth'} image: "
-                     "rescaled to 8 bits by its own intensity range")
+        notes.append(rescaled_note(sixteen_bit=stored == np.uint16))
     return array[..., 2::-1] if array.ndim == 3 and array.shape[2] >= 3 else array  # BGR -> RGB
 
 

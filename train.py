@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--largest-3d-component (choose all of them in a run without this flag first)")
     data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
     data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
+    data.add_argument("--tumor-sampling", choices=["slice", "patient"], default="slice",
+                      help="draw the tumor share by slice, or by patient first so that small tumors are drawn as often "
+                           "as large ones (default: %(default)s)")
     data.add_argument("--normalization", choices=["dataset", "slice"], default="slice",
                       help="standardise with the training set's channel statistics, or each slice's own (default: %(default)s)")
     data.add_argument("--flair-only-p", type=float, default=0.2,
@@ -166,12 +169,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def dataset_name(data_dir: str | Path) -> str:
+    """The data folder by name, without the machine's path to it: ``lgg_subset/kaggle_3m`` or ``lgg_subset``."""
+    path = Path(os.path.abspath(data_dir))  # not resolve(): a link is named as the user named it
+    return f"{path.parent.name}/{path.name}" if path.name == "kaggle_3m" else path.name
+
+
 def training_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run: every setting that differs from its default."""
     parser = build_parser()
     words = ["python", "train.py"]
     for key, value in vars(args).items():
-        if key in ("resume", *PUBLISH_OPTIONS) or value == parser.get_default(key):
+        # where the data and the run lie on this machine changes nothing in the weights, and a path would
+        # publish the trainer's directory layout on the Hub
+        if key in ("resume", "out_dir", "data_dir", *PUBLISH_OPTIONS) or value == parser.get_default(key):
             continue
         words.append("--" + key.replace("_", "-"))
         if not isinstance(value, bool):
@@ -227,13 +238,20 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int, seed: int, epoch: int) -> list[int]:
+def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int, seed: int, epoch: int,
+                  patients: np.ndarray | None = None) -> list[int]:
     """The epoch's slice order, a pure function of (seed, epoch) so a resume replays it.
 
     Tumor slices get ``tumor_fraction`` of the draws, healthy ones the rest; without this,
-    two thirds of every batch would be empty masks.
+    two thirds of every batch would be empty masks. Given each slice's patient, the tumor draws
+    are shared equally between the patients with tumor first, so a tumor seen on 5 slices is drawn
+    as often as one seen on 28.
     """
-    weights = np.where(has_tumor, tumor_fraction / max(has_tumor.sum(), 1), (1 - tumor_fraction) / max((~has_tumor).sum(), 1))
+    tumor_weights = np.full(len(has_tumor), tumor_fraction / max(has_tumor.sum(), 1))
+    if patients is not None:
+        tumor_slices_of = pd.Series(has_tumor).groupby(np.asarray(patients)).transform("sum").to_numpy()
+        tumor_weights = tumor_fraction / (len(set(np.asarray(patients)[has_tumor])) * np.maximum(tumor_slices_of, 1))
+    weights = np.where(has_tumor, tumor_weights, (1 - tumor_fraction) / max((~has_tumor).sum(), 1))
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.multinomial(torch.as_tensor(weights, dtype=torch.double), num_samples, replacement=True,
                              generator=generator).tolist()
@@ -385,7 +403,7 @@ def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, p
         "precision": precision_used,
         "parameters": count_parameters(model),
         "splits": state["splits"],
-        "data": "synthetic phantoms" if args.synthetic else str(args.data_dir),
+        "data": "synthetic phantoms" if args.synthetic else dataset_name(args.data_dir),
         "command": training_command(args),
     }
     model_dir = out_dir / "model"
@@ -504,9 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         save_atomic(state, checkpoint_path)
 
     has_tumor = frames["train"]["has_tumor"].to_numpy()
+    patients = frames["train"]["patient"].to_numpy()
     while state["epoch"] < args.epochs and state["bad_epochs"] < args.patience:
         epoch = state["epoch"]
-        indices = epoch_indices(has_tumor, args.tumor_fraction, steps_per_epoch * args.batch_size, args.seed, epoch)
+        indices = epoch_indices(has_tumor, args.tumor_fraction, steps_per_epoch * args.batch_size, args.seed, epoch,
+                                patients if args.tumor_sampling == "patient" else None)
         skip = state["step_in_epoch"] * args.batch_size
         # Augmentation draws from albumentations' own generator, which no global seed reaches: each sample
         # carries its seed (run seed, epoch, position), so neither the worker count nor a resume changes it.

@@ -256,6 +256,30 @@ def test_epoch_indices_are_replayable_and_tumor_weighted():
     assert 0.45 < has_tumor[a].mean() < 0.55
 
 
+def test_patient_sampling_draws_each_tumor_patient_equally():
+    # patient a: 2 tumor slices, patient b: 18; 80 healthy slices between them
+    patients = np.array(["a"] * 10 + ["b"] * 90)
+    has_tumor = np.zeros(100, bool)
+    has_tumor[:2] = True
+    has_tumor[10:28] = True
+    by_slice = np.array(train.epoch_indices(has_tumor, 0.5, 20000, seed=0, epoch=0))
+    by_patient = np.array(train.epoch_indices(has_tumor, 0.5, 20000, seed=0, epoch=0, patients=patients))
+    for drawn in (by_slice, by_patient):
+        assert 0.47 < has_tumor[drawn].mean() < 0.53
+    tumor_draws = by_patient[has_tumor[by_patient]]
+    assert 0.47 < (patients[tumor_draws] == "a").mean() < 0.53
+    assert (patients[by_slice[has_tumor[by_slice]]] == "a").mean() < 0.15
+    assert by_patient.tolist() == train.epoch_indices(has_tumor, 0.5, 20000, seed=0, epoch=0, patients=patients)
+
+
+def test_recorded_command_and_data_name_hold_no_machine_paths():
+    args = train.build_parser().parse_args(["--data-dir", "/home/alice/lgg/kaggle_3m", "--out-dir", "/scratch/alice/run7",
+                                            "--epochs", "5", "--tumor-sampling", "patient", "--push", "--repo-id", "a/b"])
+    assert train.training_command(args) == "python train.py --tumor-sampling patient --epochs 5"
+    assert train.dataset_name(args.data_dir) == "lgg/kaggle_3m"
+    assert train.dataset_name("/home/alice/lgg_subset/") == "lgg_subset"
+
+
 def test_lr_warms_up_then_decays():
     factors = [train.lr_factor(s, 10, 100) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -290,7 +314,7 @@ def test_real_run_resumes_after_kill_mid_epoch(real_data_dir, tmp_path):
     moved.symlink_to(real_data_dir, target_is_directory=True)
     resumed = run(args + ["--resume", "--data-dir", str(moved)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((out / "model" / "metrics.json").read_text())["data"] == str(moved)
+    assert json.loads((out / "model" / "metrics.json").read_text())["data"] == "moved"
     assert f"resuming {checkpoint} at epoch 1, step {killed_at}" in resumed.stderr
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2]

@@ -249,8 +249,10 @@ def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int
     """
     tumor_weights = np.full(len(has_tumor), tumor_fraction / max(has_tumor.sum(), 1))
     if patients is not None:
-        tumor_slices_of = pd.Series(has_tumor).groupby(np.asarray(patients)).transform("sum").to_numpy()
-        tumor_weights = tumor_fraction / (len(set(np.asarray(patients)[has_tumor])) * np.maximum(tumor_slices_of, 1))
+        patients = np.asarray(patients)
+        tumor_patients = np.unique(patients[has_tumor])
+        tumor_slices_of = pd.Series(has_tumor).groupby(patients).transform("sum").to_numpy()
+        tumor_weights = tumor_fraction / (len(tumor_patients) * np.maximum(tumor_slices_of, 1))
     weights = np.where(has_tumor, tumor_weights, (1 - tumor_fraction) / max((~has_tumor).sum(), 1))
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.multinomial(torch.as_tensor(weights, dtype=torch.double), num_samples, replacement=True,

@@ -203,7 +203,7 @@ def predict(model: UNet, image: np.ndarray) -> np.ndarray:
 def threshold_mask(model: UNet, prob: np.ndarray, threshold: float) -> np.ndarray:
     """Probability -> mask with the model's per-slice post-processing, exactly as `unet.evaluate` and
     the tuning in train.py make it (the minimum component area is set at the model's input size)."""
-    return postprocess(prob, threshold, model.min_component_area, model.image_size)
+    return postprocess(prob, threshold, model.min_component_area, model.image_size, model.fill_holes)
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:

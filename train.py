@@ -47,7 +47,7 @@ PUBLISH_OPTIONS = ("push", "repo_id", "private", "revision")
 # What a --resume may change, where its command line names it: the run's length, the machine, where the data lies,
 # what follows the last epoch (post-processing, publishing). Everything else is fixed by the run's first start.
 RUN_CONTROL_OPTIONS = ("epochs", "patience", "workers", "device", "data_dir", "no_tune", "tta", "threshold",
-                       "min_component_area", "largest_3d_component", *PUBLISH_OPTIONS)
+                       "min_component_area", "fill_holes", "largest_3d_component", *PUBLISH_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--fold", type=int, default=0, help="which fold is the test, 0..FOLDS-1 (default: %(default)s)")
     data.add_argument("--train-on-val", action="store_true",
                       help="final fit: train on the training and validation patients for exactly --epochs, keep the last "
-                           "epoch, and take the post-processing from --threshold, --min-component-area and "
+                           "epoch, and take the post-processing from --threshold, --min-component-area, --fill-holes and "
                            "--largest-3d-component (choose all of them in a run without this flag first)")
     data.add_argument("--image-size", type=int, default=256, help="training and inference size (default: %(default)s)")
     data.add_argument("--tumor-fraction", type=float, default=0.5, help="share of each batch drawn from tumor slices (default: %(default)s)")
@@ -109,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps (default: %(default)s)")
     run.add_argument("--seed", type=int, default=42, help="seed of the split, sampling, initialisation and augmentation (default: %(default)s)")
     run.add_argument("--no-tune", action="store_true",
-                     help="use --threshold, --min-component-area and --largest-3d-component instead of choosing them "
-                          "on validation")
+                     help="use --threshold, --min-component-area, --fill-holes and --largest-3d-component instead of "
+                          "choosing them on validation")
     run.add_argument("--threshold", type=float, default=0.5, help="with --no-tune or --train-on-val (default: %(default)s)")
     run.add_argument("--min-component-area", type=int, default=0,
                      help="with --no-tune or --train-on-val: drop predicted components under this many pixels, counted at "
                           "--image-size (default: %(default)s)")
+    run.add_argument("--fill-holes", action="store_true",
+                     help="with --no-tune or --train-on-val: fill the holes of each predicted tumor component")
     run.add_argument("--largest-3d-component", action="store_true",
                      help="with --no-tune or --train-on-val: keep only each patient's largest 3D component when its "
                           "slices are segmented together (evaluation, the app's volume tab)")
@@ -322,8 +324,9 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
 
 def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = False, precision: str = "auto") -> dict:
     """Pick the post-processing by validation patient Dice: threshold, minimum component area (and flip
-    TTA) for single slices first, since that is all the app's one-slice tab sees; then whether keeping
-    each patient's largest 3D component on top of them helps whole volumes.
+    TTA) for single slices first, since that is all the app's one-slice tab sees, then whether filling the
+    holes of what they keep helps; then whether keeping each patient's largest 3D component on top of
+    them helps whole volumes.
 
     Ties go to fewer false positives on healthy slices, then to the simpler setting.
     """
@@ -339,7 +342,12 @@ def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = 
                     best = (key, {"tta_flips": tta, "threshold": threshold, "min_component_area": min_area},
                             m, probs)
     key, chosen, m, probs = best
-    volume = score(probs, targets, val_df, chosen["threshold"], chosen["min_component_area"], True, model.image_size)
+    post = (probs, targets, val_df, chosen["threshold"], chosen["min_component_area"])
+    filled = score(*post, False, model.image_size, fill_holes=True)
+    chosen["fill_holes"] = (round(filled["patient_dice_mean"], 4), -filled["healthy_fp_rate"]) > key
+    if chosen["fill_holes"]:
+        key, m = (round(filled["patient_dice_mean"], 4), -filled["healthy_fp_rate"]), filled
+    volume = score(*post, True, model.image_size, fill_holes=chosen["fill_holes"])
     chosen["largest_3d_component"] = (round(volume["patient_dice_mean"], 4), -volume["healthy_fp_rate"]) > key
     model.tta_flips = False
     log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f; with the largest "
@@ -376,7 +384,7 @@ def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, p
     model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
     if args.no_tune or args.train_on_val:
         model.threshold, model.min_component_area = args.threshold, args.min_component_area
-        model.largest_3d_component = args.largest_3d_component
+        model.fill_holes, model.largest_3d_component = args.fill_holes, args.largest_3d_component
     else:
         for key, value in tune_postprocessing(model, frames["val"], args.tta, args.precision).items():
             setattr(model, key, value)
@@ -387,8 +395,8 @@ def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, p
             return {}, {}
         probs, targets = predict_frame(model, frame, precision=args.precision)  # once, for both post-processings
         post = (probs, targets, frame, model.threshold, model.min_component_area)
-        per_slice = score(*post, False, model.image_size) if model.largest_3d_component else {}
-        return score(*post, model.largest_3d_component, model.image_size), per_slice
+        per_slice = score(*post, False, model.image_size, model.fill_holes) if model.largest_3d_component else {}
+        return score(*post, model.largest_3d_component, model.image_size, model.fill_holes), per_slice
 
     val, val_per_slice = ({}, {}) if args.train_on_val else scores(frames["val"])
     test, test_per_slice = scores(frames["test"])

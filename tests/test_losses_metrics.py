@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from unet.evaluate import mask_counts
-from unet.inference import keep_largest_volume_component, postprocess
+from unet.inference import fill_mask_holes, keep_largest_volume_component, postprocess
 from unet.losses import BCEDiceLoss, dice_loss
 from unet.metrics import bootstrap_interval, pixel_counts, summarize
 
@@ -107,6 +108,29 @@ def test_postprocess_threshold_and_small_components():
     assert postprocess(prob, 0.6).sum() == 68
     assert postprocess(prob, 0.5, min_component_area=5).sum() == 64
     assert postprocess(prob, 0.95).sum() == 0
+
+
+def test_postprocess_fills_holes_inside_kept_components_only():
+    prob = np.zeros((24, 24), np.float32)
+    prob[2:12, 2:12] = 0.9
+    prob[5:8, 5:8] = 0.2      # 9 unsure pixels inside the tumor
+    prob[15:20, 15:20] = 0.9
+    prob[17, 17] = 0.2        # a one-pixel hole in a 25-px ring the area filter removes
+    prob[14:22, 2:10] = 0.9
+    prob[14:18, 5] = 0.2      # a notch open at the edge of the blob is not a hole
+    plain = postprocess(prob, 0.5, min_component_area=30)
+    filled = postprocess(prob, 0.5, min_component_area=30, fill_holes=True)
+    assert filled.sum() == plain.sum() + 9
+    assert filled[5:8, 5:8].all() and not filled[15:20, 15:20].any()
+    assert not filled[14:18, 5].any() and filled[14:22, 2:10].sum() == 60
+    assert not postprocess(np.zeros((8, 8), np.float32), 0.5, fill_holes=True).any()
+
+
+def test_fill_mask_holes_matches_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = ndimage.binary_opening(rng.random((40, 56)) > 0.45)
+        assert (fill_mask_holes(mask) == ndimage.binary_fill_holes(mask)).all()
 
 
 def test_largest_volume_component_joins_slices_and_drops_strays():

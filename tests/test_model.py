@@ -64,15 +64,18 @@ def test_save_load_round_trip_keeps_outputs_and_config(tmp_path):
 def test_post_processing_changed_after_construction_is_saved(tmp_path):
     model = UNet(width=8, depth=2)
     model.threshold, model.min_component_area, model.largest_3d_component = 0.65, 64, True
+    model.fill_holes = True
     model.save_pretrained(tmp_path)
     assert load_model(str(tmp_path)).threshold == 0.65
     assert load_model(str(tmp_path)).largest_3d_component is True
+    assert load_model(str(tmp_path)).fill_holes is True
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["min_component_area"] == 64
-    # a model saved before the whole-volume step existed loads without it
-    del config["largest_3d_component"]
+    # a model saved before the whole-volume step and hole filling existed loads without them
+    del config["largest_3d_component"], config["fill_holes"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_model(str(tmp_path)).largest_3d_component is False
+    assert load_model(str(tmp_path)).fill_holes is False
 
 
 def test_loading_is_strict(tmp_path):

@@ -44,8 +44,9 @@ def test_config_carries_the_tuned_post_processing():
     # the loaded model applies what the card and the README say validation chose
     card = (SHIPPED_MODEL_DIR / "README.md").read_text()
     readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
-    stated = (f"threshold {model.threshold}, minimum component area {model.min_component_area} px, flip test-time "
-              f"augmentation off, largest 3D component per patient {'on' if model.largest_3d_component else 'off'}")
+    stated = (f"threshold {model.threshold}, minimum component area {model.min_component_area} px, hole filling "
+              f"{'on' if model.fill_holes else 'off'}, flip test-time augmentation off, largest 3D component per "
+              f"patient {'on' if model.largest_3d_component else 'off'}")
     assert not model.tta_flips and stated in card
     assert f"threshold {model.threshold}, tumor components under {model.min_component_area} px removed" in readme
 
@@ -71,14 +72,27 @@ def test_whole_volume_step_only_removes_pixels_and_both_results_are_recorded(rea
     model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
     assert model.largest_3d_component
     probs, targets = predict_frame(model, df, progress=False)
-    per_slice = mask_counts(probs, targets, model.threshold, model.min_component_area)
-    per_volume = mask_counts(probs, targets, model.threshold, model.min_component_area, df)
+    per_slice = mask_counts(probs, targets, model.threshold, model.min_component_area, fill_holes=model.fill_holes)
+    per_volume = mask_counts(probs, targets, model.threshold, model.min_component_area, df, fill_holes=model.fill_holes)
     assert (per_volume <= per_slice).all() and per_volume[:, 1].sum() < per_slice[:, 1].sum()
     assert (per_volume[:, 2] == per_slice[:, 2]).all()
     for counts, recorded in ((per_slice, metrics["test_per_slice"]), (per_volume, metrics["test"])):
         measured = summarize(counts, list(df["patient"]))
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
             assert measured[key] == pytest.approx(recorded[key], abs=0.003), key
+
+
+@pytest.mark.real_data
+def test_hole_filling_follows_the_config_unless_told(real_data_dir, capsys):
+    # TCGA_HT_7680: a test patient whose predicted tumor has holes the reference does not
+    args = ["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR), "--patients", "TCGA_HT_7680_19970202",
+            "--json", "--fill-holes"]
+    dice = {}
+    for choice in ("config", "on", "off"):
+        assert evaluate_main([*args, choice]) == 0
+        dice[choice] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["patient_dice_mean"]
+    assert load_model(str(SHIPPED_MODEL_DIR)).fill_holes
+    assert dice["config"] == dice["on"] > dice["off"] + 0.005
 
 
 def test_readme_states_the_shipped_numbers():

@@ -244,8 +244,25 @@ def test_tuning_keeps_the_largest_3d_component_only_where_validation_gains(monke
     monkeypatch.setattr(train, "predict_frame", lambda model, df, precision="auto", progress=True: (probs, targets))
     chosen = train.tune_postprocessing(train.UNet(width=4, depth=1), val_df)
     # every threshold and area scores the same here: a tie goes to the first, simplest setting
-    assert chosen == {"tta_flips": False, "threshold": 0.3, "min_component_area": 0,
+    assert chosen == {"tta_flips": False, "threshold": 0.3, "min_component_area": 0, "fill_holes": False,
                       "largest_3d_component": not stray_is_tumor}
+
+
+@pytest.mark.parametrize("hole_is_tumor", [False, True])
+def test_tuning_fills_holes_only_where_validation_gains(monkeypatch, hole_is_tumor):
+    # A tumor on three slices whose centre the model is unsure of (probability 0.2, under every threshold
+    # tried): filling it is right where the reference has tumor there, and wrong where it does not.
+    probs = [np.zeros((64, 64), np.float32) for _ in range(4)]
+    for k in (1, 2, 3):
+        probs[k][10:40, 10:40] = 0.9
+        probs[k][20:30, 20:30] = 0.2
+    targets = [p > 0.5 for p in probs]
+    if hole_is_tumor:
+        targets = [p > 0.1 for p in probs]
+    val_df = pd.DataFrame({"patient": ["P"] * 4, "slice": [1, 2, 3, 4]})
+    monkeypatch.setattr(train, "predict_frame", lambda model, df, precision="auto", progress=True: (probs, targets))
+    chosen = train.tune_postprocessing(train.UNet(width=4, depth=1), val_df)
+    assert chosen["fill_holes"] is hole_is_tumor and chosen["largest_3d_component"] is False
 
 
 def test_epoch_indices_are_replayable_and_tumor_weighted():

@@ -102,6 +102,7 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
                     f"{config.get('upsampling', '?')} upsampling, {metrics.get('parameters', 0) / 1e6:.2f} M parameters"
                     if config else "U-Net")
     post = (f"threshold {config.get('threshold', 0.5)}, minimum component area {config.get('min_component_area', 0)} px, "
+            f"hole filling {'on' if config.get('fill_holes') else 'off'}, "
             f"flip test-time augmentation {'on' if config.get('tta_flips') else 'off'}, "
             f"largest 3D component per patient {'on' if config.get('largest_3d_component') else 'off'}"
             if config else "see config.json")

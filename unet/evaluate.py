@@ -51,13 +51,14 @@ def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision
 
 
 def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: float,
-                min_component_area: int, volumes: pd.DataFrame | None = None, area_size: int | None = None) -> np.ndarray:
+                min_component_area: int, volumes: pd.DataFrame | None = None, area_size: int | None = None,
+                fill_holes: bool = False) -> np.ndarray:
     """Per-slice `pixel_counts` of the masks that a threshold and post-processing make of ``probs``.
 
     With ``volumes`` (the slices' `scan_dataset` rows, for their patient and slice number), each
     patient's masks are then cut to the largest 3D component, `keep_largest_volume_component`.
     """
-    preds = np.stack([postprocess(p, threshold, min_component_area, area_size) for p in probs])
+    preds = np.stack([postprocess(p, threshold, min_component_area, area_size, fill_holes) for p in probs])
     if volumes is not None:
         patients, slices = volumes["patient"].to_numpy(), volumes["slice"].to_numpy()
         for patient in np.unique(patients):
@@ -68,9 +69,11 @@ def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: f
 
 
 def score(probs: list[np.ndarray], targets: list[np.ndarray], df: pd.DataFrame, threshold: float,
-          min_component_area: int, largest_3d_component: bool = False, area_size: int | None = None) -> dict:
+          min_component_area: int, largest_3d_component: bool = False, area_size: int | None = None,
+          fill_holes: bool = False) -> dict:
     """`unet.metrics.summarize` of the masks one post-processing setting makes of ``probs`` (rows of ``df``)."""
-    counts = mask_counts(probs, targets, threshold, min_component_area, df if largest_3d_component else None, area_size)
+    counts = mask_counts(probs, targets, threshold, min_component_area, df if largest_3d_component else None, area_size,
+                         fill_holes)
     return summarize(counts, list(df["patient"])) | {"largest_3d_component": largest_3d_component}
 
 
@@ -88,7 +91,7 @@ def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precisio
     probs, targets = predict_frame(model, df, batch_size, precision, progress)
     volume = volume_step(model, largest_3d_component)
     return mask_counts(probs, targets, model.threshold, model.min_component_area, df if volume else None,
-                       model.image_size)
+                       model.image_size, model.fill_holes)
 
 
 def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
@@ -96,7 +99,7 @@ def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precisio
     """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
     probs, targets = predict_frame(model, df, batch_size, precision, progress)
     return score(probs, targets, df, model.threshold, model.min_component_area,
-                 volume_step(model, largest_3d_component), model.image_size)
+                 volume_step(model, largest_3d_component), model.image_size, model.fill_holes)
 
 
 def recorded_metrics(model_dir: str | Path) -> dict:
@@ -120,8 +123,10 @@ def trained_patients(metrics: dict) -> set[str]:
 
 
 def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   largest_3d_component: bool | None = None, device: str | torch.device = "cpu") -> dict:
+                   largest_3d_component: bool | None = None, device: str | torch.device = "cpu",
+                   fill_holes: bool | None = None) -> dict:
     """Cross-validation: each fold's model on its own test patients, pooled into one set of metrics.
+    ``largest_3d_component`` and ``fill_holes`` override each fold's config where given.
 
     The slices' pixel counts are pooled before summarising, so every metric is exactly what one
     evaluation over all the tested patients would give.
@@ -139,6 +144,7 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
     counts, patients, volume = [], [], set()
     for model_dir, part in zip(model_dirs, tests):
         model = prepare_for_inference(load_model(model_dir, device=device))
+        model.fill_holes = model.fill_holes if fill_holes is None else fill_holes
         counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component))
         patients += list(part["patient"])
         volume.add(volume_step(model, largest_3d_component))
@@ -234,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep only each patient's largest 3D connected component (whole-volume post-processing, "
                              "as in Buda et al.'s reference code): as the model's config.json says (default), or "
                              "force it on or off; off gives exactly the masks of the app's one-slice tab")
+    parser.add_argument("--fill-holes", choices=["config", "on", "off"], default="config",
+                        help="fill the holes of each predicted tumor component: as the model's config.json says "
+                             "(default), or force it on or off")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
     return parser
 
@@ -250,15 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
+    fill_holes = {"config": None, "on": True, "off": False}[args.fill_holes]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         device = pick_device(args.device)
         if args.cv:
             metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision, volume,
-                                     device)
+                                     device, fill_holes)
         else:
             model_dir = resolve_model_dir(args.model, revision=args.revision)
             model = prepare_for_inference(load_model(str(model_dir), device=device))
+            model.fill_holes = model.fill_holes if fill_holes is None else fill_holes
             df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args, named)
             metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume)
     except (DatasetError, OSError, ValueError) as error:

@@ -51,7 +51,7 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
 # The constructor's settings, all of them written to config.json: the model's preprocessing and post-processing
 # contract with every consumer.
 CONFIG_KEYS = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
-               "normalization", "threshold", "min_component_area", "tta_flips", "largest_3d_component")
+               "normalization", "threshold", "min_component_area", "fill_holes", "tta_flips", "largest_3d_component")
 
 
 class UNet(
@@ -80,6 +80,7 @@ class UNet(
         normalization: str = "dataset",
         threshold: float = 0.5,
         min_component_area: int = 0,
+        fill_holes: bool = False,
         tta_flips: bool = False,
         largest_3d_component: bool = False,
     ) -> None:
@@ -105,6 +106,7 @@ class UNet(
         self.normalization = normalization
         self.threshold = float(threshold)
         self.min_component_area = int(min_component_area)
+        self.fill_holes = bool(fill_holes)
         self.tta_flips = bool(tta_flips)
         # Whole-volume post-processing: applied wherever a patient's slices are segmented together
         # (unet.evaluate, the app's volume tab); one slice on its own has no neighbours to compare.

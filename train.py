@@ -322,6 +322,11 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def validation_rank(metrics: dict) -> tuple[float, float]:
+    """How tuning orders settings: patient Dice to 4 places, then fewer false positives on healthy slices."""
+    return round(metrics["patient_dice_mean"], 4), -metrics["healthy_fp_rate"]
+
+
 def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = False, precision: str = "auto") -> dict:
     """Pick the post-processing by validation patient Dice: threshold, minimum component area (and flip
     TTA) for single slices first, since that is all the app's one-slice tab sees, then whether filling the
@@ -337,18 +342,18 @@ def tune_postprocessing(model: UNet, val_df: pd.DataFrame, consider_tta: bool = 
         for threshold in (0.3, 0.4, 0.5, 0.6, 0.7):
             for min_area in (0, 16, 32, 64, 128, 256):
                 m = score(probs, targets, val_df, threshold, min_area, area_size=model.image_size)
-                key = (round(m["patient_dice_mean"], 4), -m["healthy_fp_rate"])
+                key = validation_rank(m)
                 if best is None or key > best[0]:
                     best = (key, {"tta_flips": tta, "threshold": threshold, "min_component_area": min_area},
                             m, probs)
     key, chosen, m, probs = best
     post = (probs, targets, val_df, chosen["threshold"], chosen["min_component_area"])
     filled = score(*post, False, model.image_size, fill_holes=True)
-    chosen["fill_holes"] = (round(filled["patient_dice_mean"], 4), -filled["healthy_fp_rate"]) > key
+    chosen["fill_holes"] = validation_rank(filled) > key
     if chosen["fill_holes"]:
-        key, m = (round(filled["patient_dice_mean"], 4), -filled["healthy_fp_rate"]), filled
+        key, m = validation_rank(filled), filled
     volume = score(*post, True, model.image_size, fill_holes=chosen["fill_holes"])
-    chosen["largest_3d_component"] = (round(volume["patient_dice_mean"], 4), -volume["healthy_fp_rate"]) > key
+    chosen["largest_3d_component"] = validation_rank(volume) > key
     model.tta_flips = False
     log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f; with the largest "
              "3D component %.4f, %.3f)", chosen, m["patient_dice_mean"], m["healthy_fp_rate"],

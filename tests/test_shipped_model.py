@@ -84,15 +84,15 @@ def test_whole_volume_step_only_removes_pixels_and_both_results_are_recorded(rea
 
 @pytest.mark.real_data
 def test_hole_filling_follows_the_config_unless_told(real_data_dir, capsys):
-    # TCGA_HT_7680: a test patient whose predicted tumor has holes the reference does not
-    args = ["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR), "--patients", "TCGA_HT_7680_19970202",
+    # TCGA_FG_5964: a validation patient whose predicted tumor has holes the reference does not
+    args = ["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR), "--patients", "TCGA_FG_5964_20010511",
             "--json", "--fill-holes"]
     dice = {}
     for choice in ("config", "on", "off"):
         assert evaluate_main([*args, choice]) == 0
         dice[choice] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["patient_dice_mean"]
     assert load_model(str(SHIPPED_MODEL_DIR)).fill_holes
-    assert dice["config"] == dice["on"] > dice["off"] + 0.005
+    assert dice["config"] == dice["on"] > dice["off"] + 0.003
 
 
 def test_readme_states_the_shipped_numbers():
@@ -113,7 +113,7 @@ def test_volume_tab_makes_the_masks_that_evaluate_scores(real_data_dir):
     from unet.evaluate import predict_counts
     from unet.metrics import dice
 
-    patient = "TCGA_CS_6665_20010817"  # a test patient with false-positive blobs outside its tumor
+    patient = "TCGA_DU_7294_19890104"  # a test patient with false-positive blobs outside its tumor
     df = patient_rows(scan_dataset(real_data_dir), [patient])
     model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
     names, slices, references = app.read_volume(list(df["image_path"]) + list(df["mask_path"]))

@@ -104,6 +104,8 @@ def context_batch(model: UNet, images: np.ndarray | list[np.ndarray], start: int
     K context slices on each side stacked along channels in slice order, from the list with ``volume``
     (the list's end slice standing in past an end), else the slice itself."""
     k = model.context_slices
+    if not k:  # the one-slice path, kept as cheap as before context slices existed
+        return torch.stack([model_input(model, images[i]) for i in range(start, stop)])
     # with a volume, the first and last slices need up to k slices beyond the range
     first, last = (max(start - k, 0), min(stop + k, len(images))) if volume else (start, stop)
     slices = {i: model_input(model, images[i]) for i in range(first, last)}

@@ -45,8 +45,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from unet.data import DatasetError, binary_mask, example_slices, find_kaggle_3m, imdecode_quietly, scan_dataset
 from unet.evaluate import recorded_metrics
 from unet.hub import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
-from unet.inference import (keep_largest_volume_component, postprocess, predict_proba, prepare_for_inference,
-                            to_rgb_uint8)
+from unet.inference import (iter_proba, keep_largest_volume_component, postprocess, predict_proba,
+                            prepare_for_inference, to_rgb_uint8)
 from unet.metrics import dice, pixel_counts
 from unet.model import UNet
 
@@ -196,8 +196,21 @@ def load_mask(data: bytes, name: str) -> np.ndarray:
 # Prediction and what is shown of it
 
 def predict(model: UNet, image: np.ndarray) -> np.ndarray:
-    """RGB uint8 slice of any size -> tumor probability (H, W) float32."""
-    return predict_proba(model, [image])[0]
+    """RGB uint8 slice of any size -> tumor probability (H, W) float32; a context model gets it as its own neighbours."""
+    return predict_proba(model, [image], volume=False)[0]
+
+
+def predict_volume(model: UNet, images: list[np.ndarray],
+                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """One patient's slices in slice order -> their tumor probabilities; a context model sees each slice with
+    its neighbours among them. ``progress`` is told how many slices are done."""
+    probs = []
+    # one slice a batch, as `predict` does, so a model without context gives each slice the one-slice tab's map
+    for prob in iter_proba(model, images, batch_size=1, volume=True):
+        probs.append(prob)
+        if progress is not None:
+            progress(len(probs))
+    return probs
 
 
 def threshold_mask(model: UNet, prob: np.ndarray, threshold: float) -> np.ndarray:
@@ -641,10 +654,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             gr.Warning(str(error))
             return None, f"### Could not use these files\n{error}", None, None, None
         images = [s.image for s in slices]
-        probs, start = [], time.perf_counter()
-        for i, image in enumerate(images):
-            progress((i, len(images)), desc="segmenting slices")
-            probs.append(predict(model, image))
+        start = time.perf_counter()
+        probs = predict_volume(model, images, lambda done: progress((done, len(images)), desc="segmenting slices"))
         log.info("segmented a volume of %d slices in %.2f s", len(images), time.perf_counter() - start)
         state = {"names": names, "images": images, "probs": probs, "references": references}
         return show_volume(state, threshold) + (state,)
@@ -730,6 +741,8 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             gr.Markdown("Upload all slices of one patient, as several files or one zip, taken in the order of the "
                         "numbers in their names. Files named "
                         "`<slice>_mask.png` (or `.tif`) are taken as reference masks and scored with Dice."
+                        + (" The model sees each slice with its neighbouring slices, so upload consecutive "
+                           "slices." if model.context_slices else "")
                         + (" As the model's config asks, only the largest 3D tumor component across the slices is "
                            "kept, a step a single slice cannot take." if model.largest_3d_component else ""),
                         elem_id="volume-help")

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--depth", type=int, default=4, help="number of poolings (default: %(default)s)")
     model.add_argument("--upsampling", choices=["bilinear", "transpose"], default="transpose",
                        help="transposed convolutions, or bilinear as in the classic U-Net (default: %(default)s)")
+    model.add_argument("--context-slices", type=int, default=0,
+                       help="2.5D input: feed each slice with this many neighbouring slices of its patient on each side "
+                            "(default: %(default)s, one slice alone)")
+    model.add_argument("--context-dropout", type=float, default=0.25,
+                       help="with --context-slices: probability that a training slice's neighbours are all the slice "
+                            "itself, so the model also works on one uploaded slice (default: %(default)s)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=60, help="(default: %(default)s)")
     opt.add_argument("--steps-per-epoch", type=int, default=None, help="default: one pass over the training slices")
@@ -164,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (0 <= a.tumor_fraction <= 1, f"--tumor-fraction is a share of each batch, from 0 to 1, not {a.tumor_fraction}"),
         (0 <= a.flair_only_p <= 1, f"--flair-only-p is a probability, from 0 to 1, not {a.flair_only_p}"),
         (0 <= a.gamma_p <= 1, f"--gamma-p is a probability, from 0 to 1, not {a.gamma_p}"),
+        (a.context_slices >= 0, f"--context-slices cannot be negative, not {a.context_slices}"),
+        (0 <= a.context_dropout <= 1, f"--context-dropout is a probability, from 0 to 1, not {a.context_dropout}"),
     ]
     for holds, requirement in checks:
         if not holds:
@@ -395,13 +403,21 @@ def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, p
             setattr(model, key, value)
 
     def scores(frame: pd.DataFrame) -> tuple[dict, dict]:
-        """The model's metrics and, with the 3D step on, beside them those of the masks a single uploaded slice gets."""
+        """The model's metrics and, with the 3D step or context slices, beside them those of the masks a single
+        uploaded slice gets."""
         if not len(frame):
             return {}, {}
         probs, targets = predict_frame(model, frame, precision=args.precision)  # once, for both post-processings
-        post = (probs, targets, frame, model.threshold, model.min_component_area)
-        per_slice = score(*post, False, model.image_size, model.fill_holes) if model.largest_3d_component else {}
-        return score(*post, model.largest_3d_component, model.image_size, model.fill_holes), per_slice
+
+        def scored(p: list[np.ndarray], volume: bool) -> dict:
+            return score(p, targets, frame, model.threshold, model.min_component_area, volume, model.image_size,
+                         model.fill_holes)
+        per_slice = {}
+        if model.context_slices:  # a single uploaded slice has no neighbours either
+            per_slice = scored(predict_frame(model, frame, precision=args.precision, context=False)[0], False)
+        elif model.largest_3d_component:
+            per_slice = scored(probs, False)
+        return scored(probs, model.largest_3d_component), per_slice
 
     val, val_per_slice = ({}, {}) if args.train_on_val else scores(frames["val"])
     test, test_per_slice = scores(frames["test"])
@@ -487,11 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stats = dict(zip(("mean", "std"), channel_stats(frames["train"])))
         log.info("training-set channel statistics: mean %s, std %s", stats["mean"], stats["std"])
-    model = UNet(width=args.width, depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
+    model = UNet(in_channels=3 * (2 * args.context_slices + 1), context_slices=args.context_slices, width=args.width,
+                 depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
                  normalization=args.normalization, **stats)
     model.to(device).to(memory_format=torch.channels_last)
     train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p), model.mean, model.std,
-                           model.normalization)
+                           model.normalization, args.context_slices, args.context_dropout)
     if args.steps_per_epoch is None and len(train_set) < args.batch_size:  # an epoch of no steps
         log.error("error: --batch-size %d is more than the %d training slices (or give --steps-per-epoch)",
                   args.batch_size, len(train_set))
@@ -506,9 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     precision_used = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     # fp16 autocast (a GPU without bf16) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    log.info("model: width %d, depth %d, %s upsampling, %d px, %.2f M parameters; device %s, precision %s, %d steps/epoch",
-             args.width, args.depth, args.upsampling, args.image_size, count_parameters(model) / 1e6, device,
-             precision_used, steps_per_epoch)
+    log.info("model: width %d, depth %d, %s upsampling, %d px, %d context slices each side, %.2f M parameters; "
+             "device %s, precision %s, %d steps/epoch", args.width, args.depth, args.upsampling, args.image_size,
+             args.context_slices, count_parameters(model) / 1e6, device, precision_used, steps_per_epoch)
 
     # The average is what gets validated, kept and shipped; the raw weights only train.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(args.ema), use_buffers=True)

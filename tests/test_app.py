@@ -308,6 +308,26 @@ def test_a_zip_that_cannot_be_unpacked_is_one_line(tmp_path, field, value, reaso
     assert message.startswith("odd.zip: cannot unpack (") and reason in message and "\n" not in message
 
 
+def test_a_context_model_sees_neighbours_in_the_volume_tab_and_none_in_the_one_slice_tab():
+    model = app.prepare_for_inference(app.UNet(in_channels=9, context_slices=1, width=4, depth=1, image_size=32))
+    rng = np.random.default_rng(0)
+    images = [phantom_slice(rng, 48, tumor=True)[0] for _ in range(4)]
+    done = []
+    probs = app.predict_volume(model, images, done.append)
+    assert done == [1, 2, 3, 4] and [p.shape for p in probs] == [(48, 48)] * 4
+    volume = app.predict_proba(model, images, volume=True)
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(probs, volume))
+    one = app.predict(model, images[1])  # no neighbours: the slice stands in for them
+    assert np.allclose(one, app.predict_proba(model, [images[1]] * 3, volume=True)[1], atol=1e-5)
+    assert not np.allclose(one, probs[1], atol=1e-4)
+
+
+def test_without_context_the_volume_tab_gives_each_slice_the_one_slice_tabs_map(model):
+    rng = np.random.default_rng(1)
+    images = [phantom_slice(rng, 64, tumor=True)[0] for _ in range(3)]
+    assert all(np.array_equal(p, app.predict(model, im)) for p, im in zip(app.predict_volume(model, images), images))
+
+
 def test_volume_applies_the_models_largest_3d_component(model, monkeypatch):
     # a 300-voxel tumor through slices 1-3, and a blob bigger than any of its slices alone on slice 5
     probs = [np.zeros((64, 64), np.float32) for _ in range(6)]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from unet.data import (DatasetError, LGGDataset, example_slices, flair_only, normalize, read_image, read_mask,
-                       scan_dataset, seed_augmentation, split_patients, train_transforms)
+from unet.data import (DatasetError, LGGDataset, context_indices, example_slices, flair_only, normalize, read_image,
+                       read_mask, scan_dataset, seed_augmentation, split_patients, train_transforms)
 from unet.model import LGG_MEAN, LGG_STD
 from unet.synthetic import make_synthetic_dataset
 
@@ -286,3 +286,120 @@ def test_channel_stats_are_the_mean_and_std_of_every_pixel(synthetic_dir):
     mean, std = channel_stats(df)
     np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-4)
     np.testing.assert_allclose(std, pixels.std(0), atol=1e-4)
+
+
+# --- context slices (2.5D input) ----------------------------------------------------------------
+
+def test_context_indices_are_the_neighbours_in_order_clamped_at_the_ends():
+    assert context_indices(0, 3, 1) == [0, 0, 1]
+    assert context_indices(1, 3, 1) == [0, 1, 2]
+    assert context_indices(2, 3, 1) == [1, 2, 2]
+    assert context_indices(1, 4, 2) == [0, 0, 1, 2, 3]
+    assert context_indices(0, 1, 2) == [0] * 5  # a lone slice is every one of its neighbours
+    assert context_indices(5, 9, 0) == [5]
+
+
+@pytest.fixture
+def numbered_volumes(tmp_path) -> pd.DataFrame:
+    """Two patients whose slices are filled with (patient, slice number) values, slice 3 of A missing, rows shuffled."""
+    root = tmp_path / "kaggle_3m"
+    for patient, numbers in (("TCGA_AA_0001_19990101", (1, 2, 4, 5)), ("TCGA_BB_0002_19990101", (1, 2, 3))):
+        (root / patient).mkdir(parents=True)
+        for n in numbers:
+            green = 100 + 10 * n + (50 if patient.startswith("TCGA_BB") else 0)
+            image = np.dstack([np.full((32, 32), v, np.uint8) for v in (10 * n, green, 7)])
+            mask = np.zeros((32, 32), np.uint8)
+            mask[4:12, 2:8] = 255  # off-centre, so a flip shows
+            cv2.imwrite(str(root / patient / f"{patient}_{n}.tif"), image[..., ::-1])
+            cv2.imwrite(str(root / patient / f"{patient}_{n}_mask.tif"), mask)
+    return scan_dataset(root).sample(frac=1, random_state=0)
+
+
+def centre_values(stacked: torch.Tensor) -> list[int]:
+    """The red (slice number x 10) value of each 3-channel slice of an item stacked with mean 0, std 1."""
+    return [round(float(stacked[c, 16, 16]) * 255) for c in range(0, stacked.shape[0], 3)]
+
+
+def test_dataset_stacks_the_patients_own_neighbours_in_slice_order(numbered_volumes):
+    dataset = LGGDataset(numbered_volumes, A.Compose([]), (0.0,) * 3, (1.0,) * 3, context_slices=1)
+    rows = dataset.df.reset_index(drop=True)
+    expected = {("TCGA_AA_0001_19990101", 1): [10, 10, 20], ("TCGA_AA_0001_19990101", 2): [10, 20, 40],
+                ("TCGA_AA_0001_19990101", 4): [20, 40, 50], ("TCGA_AA_0001_19990101", 5): [40, 50, 50],
+                ("TCGA_BB_0002_19990101", 1): [10, 10, 20], ("TCGA_BB_0002_19990101", 3): [20, 30, 30]}
+    for (patient, n), values in expected.items():
+        row = int(np.flatnonzero((rows["patient"] == patient) & (rows["slice"] == n))[0])
+        image, _ = dataset[row]
+        assert image.shape == (9, 32, 32)
+        assert centre_values(image) == values, (patient, n)
+        # green tells the patients apart: every neighbour is the patient's own
+        offset = 50 if patient.startswith("TCGA_BB") else 0
+        greens = [round(float(image[c, 16, 16]) * 255) - 100 - offset for c in range(1, 9, 3)]
+        assert greens == values
+
+
+def test_stacked_slices_and_mask_get_the_same_augmentation(numbered_volumes):
+    flip = A.Compose([A.HorizontalFlip(p=1.0)])
+    dataset = LGGDataset(numbered_volumes, flip, (0.0,) * 3, (1.0,) * 3, context_slices=1)
+    plain = LGGDataset(numbered_volumes, A.Compose([]), (0.0,) * 3, (1.0,) * 3, context_slices=1)
+    image, mask = dataset[0]
+    raw_image, raw_mask = plain[0]
+    assert torch.equal(mask, raw_mask.flip(-1)) and not torch.equal(mask, raw_mask)
+    assert torch.equal(image, raw_image.flip(-1))
+    # the full training pipeline, seeded: each 3-channel slice is transformed as it would be alone
+    rng = np.random.default_rng(0)
+    slices = [rng.integers(0, 255, (48, 40, 3), dtype=np.uint8) for _ in range(3)]
+    blob = np.zeros((48, 40), np.uint8)
+    blob[5:20, 3:15] = 1
+    transform = train_transforms(32, gamma_p=1.0)
+    for t in transform.transforms:  # every step, so each is checked on 9 channels
+        t.p = 0.0 if isinstance(t, A.Lambda) else 1.0
+    for seed in range(3):
+        seed_augmentation(transform, seed)
+        stacked = transform(image=np.concatenate(slices, axis=2), mask=blob)
+        for i, one in enumerate(slices):
+            seed_augmentation(transform, seed)
+            alone = transform(image=one, mask=blob)
+            assert np.array_equal(stacked["image"][..., 3 * i:3 * i + 3], alone["image"])
+            assert np.array_equal(stacked["mask"], alone["mask"])
+
+
+def test_context_dropout_feeds_the_centre_slice_as_every_neighbour_and_replays(numbered_volumes):
+    transform = train_transforms(32, 0.2)
+    always = LGGDataset(numbered_volumes, transform, (0.0,) * 3, (1.0,) * 3, context_slices=1, context_dropout=1.0)
+    image, _ = always[(0, (3, 0, 0))]
+    assert torch.equal(image[:3], image[3:6]) and torch.equal(image[6:], image[3:6])
+    half = LGGDataset(numbered_volumes, train_transforms(32, 0.2), (0.0,) * 3, (1.0,) * 3, "slice", context_slices=1,
+                      context_dropout=0.5)
+    row = int(np.flatnonzero((half.df["patient"] == "TCGA_AA_0001_19990101") & (half.df["slice"] == 2))[0])
+    first = [half[(row, (3, 0, i))] for i in range(12)]
+    again = [half[(row, (3, 0, i))] for i in range(12)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    dropped = [torch.equal(x[:3], x[3:6]) and torch.equal(x[6:], x[3:6]) for x, _ in first]
+    assert 0 < sum(dropped) < len(dropped)  # the same seed gives the same choice; the seeds differ
+
+
+def test_without_context_items_are_exactly_what_they_were(numbered_volumes):
+    """context_slices 0 draws the same augmentation and gives the same tensors as the one-slice dataset did."""
+    for context_dropout in (0.0, 0.5):
+        dataset = LGGDataset(numbered_volumes, train_transforms(32, 0.5, 0.5), LGG_MEAN, LGG_STD, "slice",
+                             context_dropout=context_dropout)
+        reference = train_transforms(32, 0.5, 0.5)
+        for row in range(4):
+            image, mask = dataset[(row, (42, 1, row))]
+            seed_augmentation(reference, (42, 1, row))
+            paths = dataset.df.iloc[row]
+            out = reference(image=read_image(paths["image_path"]), mask=read_mask(paths["mask_path"]))
+            assert torch.equal(image, normalize(out["image"], LGG_MEAN, LGG_STD, "slice"))
+            assert torch.equal(mask, torch.from_numpy((out["mask"] > 0).astype(np.float32))[None])
+
+
+def test_flair_only_works_slice_by_slice_on_stacked_slices():
+    rng = np.random.default_rng(0)
+    stacked = rng.integers(0, 255, (16, 16, 9), dtype=np.uint8)
+    out = flair_only(stacked)
+    assert out.shape == (16, 16, 9)
+    for s in range(3):
+        for c in range(3):
+            assert np.array_equal(out[..., 3 * s + c], stacked[..., 3 * s + 1])
+    single = stacked[..., :3]
+    assert np.array_equal(flair_only(single), np.repeat(single[..., 1:2], 3, axis=2))

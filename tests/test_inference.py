@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from unet.hub import SHIPPED_MODEL_DIR
-from unet.inference import (autocast_dtype, cpu_supports_bf16, postprocess, predict_proba, prepare_for_inference, segment,
-                            to_rgb_uint8)
+from unet.inference import (autocast_dtype, context_batch, cpu_supports_bf16, postprocess, predict_proba,
+                            prepare_for_inference, segment, to_rgb_uint8)
 from unet.metrics import dice
-from unet.model import load_model
+from unet.model import UNet, load_model
 from unet.synthetic import phantom_slice
 
 
@@ -116,3 +116,56 @@ def test_flip_tta_averages_the_logits_of_the_slice_and_its_mirror(tiny_model_dir
     assert np.abs(tta - plain).max() > 1e-3  # the mirror's prediction did count
     mirrored = predict_proba(model, [np.ascontiguousarray(image[:, ::-1])], precision="fp32")[0]
     np.testing.assert_allclose(mirrored, tta[:, ::-1], atol=1e-5)  # flipped back before averaging
+
+
+# --- context slices (2.5D input) ----------------------------------------------------------------
+
+def context_model(k: int = 1) -> UNet:
+    return prepare_for_inference(UNet(in_channels=3 * (2 * k + 1), context_slices=k, width=4, depth=2, image_size=32,
+                                      mean=(0.0,) * 3, std=(1.0,) * 3))
+
+
+def valued_slices(*values: int, size: int = 32) -> list[np.ndarray]:
+    return [np.full((size, size, 3), v, np.uint8) for v in values]
+
+
+def test_a_volume_goes_in_as_previous_centre_and_next_slice_clamped_at_the_ends():
+    def stacked(model: UNet, start: int, stop: int, volume: bool) -> list[list[int]]:
+        """The value of the first channel of each stacked slice of each input."""
+        batch = context_batch(model, valued_slices(10, 100, 200), start, stop, volume)
+        assert batch.shape == (stop - start, model.in_channels, 32, 32)
+        return (batch[:, ::3, 0, 0] * 255).round().int().tolist()
+
+    model = context_model(1)
+    assert stacked(model, 0, 3, volume=True) == [[10, 10, 100], [10, 100, 200], [100, 200, 200]]
+    # neighbours come from the whole list, not the batch: slice 1 alone still sees 0 and 2
+    assert stacked(model, 1, 2, volume=True) == [[10, 100, 200]]
+    assert stacked(model, 0, 3, volume=False) == [[10] * 3, [100] * 3, [200] * 3]
+    assert stacked(context_model(2), 1, 2, volume=True) == [[10, 10, 100, 200, 200]]
+
+
+def test_a_volume_is_predicted_the_same_in_any_batch_size_and_alone_means_its_own_neighbours():
+    model = context_model(1)
+    rng = np.random.default_rng(0)
+    images = [phantom_slice(rng, 32, tumor=True)[0] for _ in range(5)]
+    whole = predict_proba(model, images, batch_size=8, volume=True)
+    for batch_size in (1, 2):
+        chunked = predict_proba(model, images, batch_size, volume=True)
+        assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(whole, chunked))
+    # the middle of a volume sees its neighbours, so its map differs from the slice's alone
+    alone = predict_proba(model, images, volume=False)
+    assert not np.allclose(whole[2], alone[2], atol=1e-4)
+    # alone, a slice is its own neighbour: the same as a volume of three copies of it
+    for image, prob in zip(images, alone):
+        assert np.allclose(prob, predict_proba(model, [image] * 3, volume=True)[1], atol=1e-5)
+        assert np.allclose(prob, predict_proba(model, [image], volume=True)[0], atol=1e-5)
+
+
+def test_without_context_slices_a_volume_changes_nothing(model):
+    rng = np.random.default_rng(3)
+    images = [phantom_slice(rng, 256, tumor=True)[0] for _ in range(3)]
+    assert model.context_slices == 0
+    volume, alone = predict_proba(model, images, volume=True), predict_proba(model, images)
+    assert all(np.array_equal(a, b) for a, b in zip(volume, alone))
+    masks, _ = segment(model, images, volume=True)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, segment(model, images)[0]))

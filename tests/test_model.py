@@ -146,3 +146,42 @@ def test_normalization_mode_is_validated_and_saved(tmp_path):
         UNet(normalization="volume")
     UNet(width=8, depth=2, normalization="slice").save_pretrained(tmp_path)
     assert load_model(str(tmp_path)).normalization == "slice"
+
+
+def test_context_slices_round_trip_and_old_configs_load_without_them_quietly(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = UNet(in_channels=9, context_slices=1, width=8, depth=2).eval()
+    model.save_pretrained(tmp_path / "context")
+    assert json.loads((tmp_path / "context" / "config.json").read_text())["context_slices"] == 1
+    loaded = load_model(str(tmp_path / "context"))
+    assert loaded.context_slices == 1 and loaded.in_channels == 9 and loaded.config == model.config
+    x = torch.randn(2, 9, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    # every model saved before the setting existed sees one slice, and a one-slice model's config.json is still
+    # written without it (older code loads it): it loads as 0, with nothing to warn about
+    UNet(width=8, depth=2).save_pretrained(tmp_path / "old")
+    settings = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert "context_slices" not in settings
+    with caplog.at_level("WARNING"):
+        assert load_model(str(tmp_path / "old")).context_slices == 0
+    assert "lacks" not in caplog.text
+    del settings["fill_holes"]  # a setting that does change behaviour is still named
+    (tmp_path / "old" / "config.json").write_text(json.dumps(settings))
+    load_model(str(tmp_path / "old"))
+    assert "lacks fill_holes: the UNet's defaults are used" in caplog.text
+
+
+def test_in_channels_must_hold_three_per_context_slice(tmp_path):
+    with pytest.raises(ValueError, match=r"in_channels must be 3 x \(2 x context_slices \+ 1\).*got 3 with context_slices 1"):
+        UNet(context_slices=1)
+    with pytest.raises(ValueError, match="got 9 with context_slices 0"):
+        UNet(in_channels=9)
+    with pytest.raises(ValueError, match="context_slices -1"):
+        UNet(in_channels=3, context_slices=-1)
+    assert UNet(in_channels=15, context_slices=2, width=4, depth=1).encoders[0][0].in_channels == 15
+    UNet(width=8, depth=2).save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**settings, "context_slices": 1}))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: in_channels must be 3 x"):
+        load_model(str(tmp_path))

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import train
-from unet.data import scan_dataset
-from unet.model import load_model
+from unet.data import read_image, read_mask, scan_dataset
+from unet.evaluate import predict_frame
+from unet.inference import predict_proba
+from unet.model import UNet, load_model
 from unet.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +217,11 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
     # each patient's Dice is the one its own fold's model measured at the end of training
     expected = {**models[0]["test"]["per_patient_dice"], **models[1]["test"]["per_patient_dice"]}
     assert pooled["per_patient_dice"] == pytest.approx(expected, abs=1e-3)
+    # models without context slices: predicting each slice alone changes nothing
+    alone = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--json", "--context", "off",
+                 "--cv", str(tmp_path / "cv-0" / "model"), str(tmp_path / "cv-1" / "model")])
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout.strip().splitlines()[-1]) == pooled
 
     twice = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"),
                  str(tmp_path / "cv-0" / "model")])
@@ -226,6 +233,52 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path):
     refused = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", str(tmp_path / "cv-0" / "model"),
                    "--split", "all"])  # named with its default value: still refused
     assert refused.returncode == 2 and "--split does not apply" in refused.stderr
+
+
+def test_a_context_run_trains_resumes_and_evaluates_with_context_on_and_off(tmp_path, caplog):
+    out = tmp_path / "context"
+    base = ["--synthetic", "--steps-per-epoch", "3", "--batch-size", "4", "--image-size", "64", "--width", "4",
+            "--out-dir", str(out)]
+    assert train.main([*base, "--epochs", "1", "--context-slices", "1"]) == 0
+    caplog.set_level(logging.WARNING, logger="train")
+    assert train.main([*base, "--epochs", "2", "--context-slices", "2", "--context-dropout", "0.5", "--resume"]) == 0
+    assert "--resume keeps the run's --context-slices 1; the 2 given is ignored" in caplog.text
+    assert "--resume keeps the run's --context-dropout 0.25; the 0.5 given is ignored" in caplog.text
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["context_slices"] == 1 and config["in_channels"] == 9
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert "--context-slices 1" in metrics["command"] and "--context-dropout" not in metrics["command"]
+    # beside the volume scores, those of slices uploaded one at a time
+    assert metrics["test_per_slice"]["patients"] == metrics["test"]["patients"] == len(metrics["splits"]["test"])
+    assert metrics["test_per_slice"]["largest_3d_component"] is False
+
+    def evaluate(*extra: str) -> dict:
+        result = run(["-m", "unet.evaluate", "--data-dir", str(out / "synthetic"), "--model", str(out / "model"),
+                      "--split", "test", "--json", *extra])
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    volume, alone = evaluate("--context", "config"), evaluate("--context", "off", "--largest-3d-component", "off")
+    assert volume["patient_dice_mean"] == pytest.approx(metrics["test"]["patient_dice_mean"], abs=1e-3)
+    assert alone["patient_dice_mean"] == pytest.approx(metrics["test_per_slice"]["patient_dice_mean"], abs=1e-3)
+    assert evaluate("--context", "off")["slices"] == volume["slices"]
+
+
+def test_predict_frame_feeds_each_patients_volume_and_keeps_the_frames_row_order(synthetic_dir):
+    model = UNet(in_channels=9, context_slices=1, width=4, depth=1, image_size=32).eval()
+    df = scan_dataset(synthetic_dir)
+    df = df[df["patient"].isin(sorted(df["patient"].unique())[:2])]
+    shuffled = df.sample(frac=1, random_state=0)
+    probs, targets = predict_frame(model, shuffled, batch_size=4, progress=False)
+    for (_, row), prob, target in zip(shuffled.iterrows(), probs, targets):
+        volume = df[df["patient"] == row["patient"]].sort_values("slice")
+        expected = predict_proba(model, [read_image(p) for p in volume["image_path"]], volume=True)
+        assert np.allclose(prob, expected[list(volume.index).index(row.name)], atol=1e-5)
+        assert np.array_equal(target, read_mask(row["mask_path"]))
+    alone, _ = predict_frame(model, shuffled, batch_size=4, progress=False, context=False)
+    for (_, row), prob in zip(shuffled.iterrows(), alone):
+        assert np.allclose(prob, predict_proba(model, [read_image(row["image_path"])])[0], atol=1e-5)
+    assert not all(np.allclose(a, b, atol=1e-4) for a, b in zip(probs, alone))
 
 
 @pytest.mark.parametrize("stray_is_tumor", [False, True])
@@ -465,6 +518,8 @@ def test_fn_weight_changes_the_loss_trained_on_and_is_recorded(tmp_path, capsys)
     (["--patients", "-1"], "--patients must be at least 3 (train, validation, test), not -1"),
     (["--folds", "5", "--fold", "5"], "--fold must be from 0 to 4, not 5"),
     (["--threshold", "1"], "--threshold must lie between 0 and 1, not 1.0"),
+    (["--context-slices", "-1"], "--context-slices cannot be negative, not -1"),
+    (["--context-dropout", "1.5"], "--context-dropout is a probability, from 0 to 1, not 1.5"),
 ])
 def test_settings_that_cannot_work_are_refused_before_any_data_is_read(args, message, capsys):
     with pytest.raises(SystemExit):

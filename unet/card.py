@@ -106,8 +106,14 @@ def model_card_text(metrics: dict, config: dict | None = None, repo_id: str | No
             f"flip test-time augmentation {'on' if config.get('tta_flips') else 'off'}, "
             f"largest 3D component per patient {'on' if config.get('largest_3d_component') else 'off'}"
             if config else "see config.json")
-    per_slice_note = (" The largest 3D component needs the patient's other slices, so \"test, slice by slice\" "
-                      "gives the masks a single uploaded slice gets." if metrics.get("test_per_slice") else "")
+    context = int(config.get("context_slices", 0))
+    needs = "Context slices and the largest 3D component need" if context else "The largest 3D component needs"
+    per_slice_note = (f" {needs} the patient's other slices, so \"test, slice by slice\" gives the masks a single "
+                      "uploaded slice gets." if metrics.get("test_per_slice") else "")
+    context_note = (f", each with {context} neighbouring slice{'s' if context > 1 else ''} on either side (2.5D input)"
+                    if context else "")
+    sees = (f"{2 * context + 1} adjacent slices at a time, little 3D context" if context
+            else "one slice at a time, with no 3D context")
     volume_note = ("\n  The largest 3D component needs a patient's neighbouring slices: `unet.evaluate` and the demo's volume tab apply it,"
                    "\n  a single slice on its own gets the per-slice steps only."
                    if config.get("largest_3d_component") else "")
@@ -137,7 +143,7 @@ A U-Net that segments the FLAIR abnormality of lower-grade glioma in axial brain
 
 {data_note}## Model
 
-- {architecture}; input {config.get('image_size', 256)}x{config.get('image_size', 256)} slices.
+- {architecture}; input {config.get('image_size', 256)}x{config.get('image_size', 256)} slices{context_note}.
 - Input channels in file order ({config.get('channel_order', 'RGB')}): pre-contrast, FLAIR, post-contrast, scaled to
   [0, 1] and {scaling}.
 - Output: one logit map; the mask is `sigmoid(logit) >= threshold`, then post-processing ({post});
@@ -188,7 +194,7 @@ post-processing in `config.json`.{per_slice_note}
   dataset (TCGA lower-grade glioma, FLAIR-based masks by one annotator); expect lower accuracy on other scanners,
   protocols, tumor types, on post-operative or pediatric brains, and on slices not preprocessed like the dataset's
   (skull, orientation and the 3-channel stacking matter).
-- The network sees one slice at a time, with no 3D context (only the optional largest-3D-component step looks
+- The network sees {sees} (only the optional largest-3D-component step looks
   across slices), and small lesions are the hardest; the worst patient above shows how far a single case can
   fall below the mean.
 - Metrics come from a small test set; their uncertainty is large.

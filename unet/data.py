@@ -223,9 +223,22 @@ def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     return x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
 
 
+def normalize_stack(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                    mode: str = "dataset") -> torch.Tensor:
+    """`normalize` for slices stacked along channels (HxWx3S): each 3-channel slice on its own, as inference does."""
+    slices = [normalize(image[..., c:c + 3], mean, std, mode) for c in range(0, image.shape[2], 3)]
+    return slices[0] if len(slices) == 1 else torch.cat(slices)
+
+
+def context_indices(index: int, count: int, k: int) -> list[int]:
+    """Positions of slice ``index`` and its ``k`` neighbours on each side in a volume of ``count`` slices, in
+    slice order; past an end of the volume, the end slice stands in. Training and inference both stack these."""
+    return [min(max(index + offset, 0), count - 1) for offset in range(-k, k + 1)]
+
+
 def flair_only(image: np.ndarray, **_: object) -> np.ndarray:
-    """All three channels become FLAIR, as the dataset stores a patient missing a sequence."""
-    return np.repeat(image[..., 1:2], 3, axis=2)
+    """All three channels of each slice become its FLAIR, as the dataset stores a patient missing a sequence."""
+    return np.repeat(image[..., 1::3], 3, axis=2)
 
 
 def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: float = 0.0) -> A.Compose:
@@ -267,6 +280,11 @@ def seed_augmentation(transform: A.Compose, seed: int | tuple[int, ...]) -> None
 class LGGDataset(Dataset):
     """Slices of the rows of a `scan_dataset` frame as (image CxHxW float, mask 1xHxW float).
 
+    With ``context_slices`` K, each slice comes with its K neighbours on each side in the same patient, in
+    slice-number order (a missing number is skipped; past an end, the end slice stands in), C = 3(2K+1), and
+    ``context_dropout`` is the probability that the neighbours are all the centre slice instead, as when
+    a single slice is uploaded.
+
     The slices are decoded once and held in memory (60 patients take about 0.6 GB), since
     decoding deflate TIFFs every epoch would cost more than the augmentation.
     """
@@ -278,12 +296,26 @@ class LGGDataset(Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         normalization: str = "dataset",
+        context_slices: int = 0,
+        context_dropout: float = 0.0,
     ) -> None:
         self.df = df.reset_index(drop=True)
         self.transform = transform
         self.mean, self.std, self.normalization = mean, std, normalization
+        self.context_dropout = context_dropout
         self.images = [read_image(p) for p in self.df["image_path"]]
         self.masks = [read_mask(p) for p in self.df["mask_path"]]
+        # The rows stacked for each row, centre in the middle.
+        self.neighbours = np.arange(len(self.df))[:, None]
+        if context_slices:
+            self.neighbours = np.repeat(self.neighbours, 2 * context_slices + 1, axis=1)
+            slices = self.df["slice"].to_numpy()
+            for patient, rows in self.df.groupby("patient", sort=False).indices.items():
+                rows = rows[np.argsort(slices[rows], kind="stable")]
+                if len({self.images[r].shape for r in rows}) > 1:  # they are stacked along channels
+                    raise DatasetError(f"the slices of patient {patient} differ in size")
+                for position, row in enumerate(rows):
+                    self.neighbours[row] = rows[context_indices(position, len(rows), context_slices)]
 
     def __len__(self) -> int:
         return len(self.df)
@@ -294,9 +326,17 @@ class LGGDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None:
             seed_augmentation(self.transform, seed)
-        out = self.transform(image=self.images[index], mask=self.masks[index])
+        rows = self.neighbours[index]
+        if self.context_dropout and len(rows) > 1:
+            # A generator of its own, derived from the item's seed: the draw replays on resume, and albumentations'
+            # draws stay those of a run without context.
+            if np.random.default_rng(None if seed is None else (*seed, 1)).random() < self.context_dropout:
+                rows = np.full_like(rows, index)
+        # Stacked before the transform, so that every slice gets the same flip and affine as the mask.
+        image = self.images[index] if len(rows) == 1 else np.concatenate([self.images[r] for r in rows], axis=2)
+        out = self.transform(image=image, mask=self.masks[index])
         mask = torch.from_numpy((out["mask"] > 0).astype(np.float32))[None]
-        return normalize(out["image"], self.mean, self.std, self.normalization), mask
+        return normalize_stack(out["image"], self.mean, self.std, self.normalization), mask
 
 
 def example_slices(frame: pd.DataFrame, tumor: int = 3, healthy: int = 2) -> pd.DataFrame:

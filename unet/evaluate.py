@@ -2,7 +2,7 @@
 
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --model models/brain-mri-unet --split test --json
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --cv runs/cv-*/model     # pool k-fold runs
-    ... --largest-3d-component off    # per-slice masks only, exactly as the app's one-slice tab makes them
+    ... --largest-3d-component off --context off   # exactly the masks of the app's one-slice tab
 
 Post-processing is the model's own (config.json), whole-volume steps included, unless overridden.
 ``--split`` takes the patients train.py recorded in the model's metrics.json, so a model is tested on
@@ -39,14 +39,26 @@ SPLIT_OPTIONS = ("split", "patients", *SPLIT_RECIPE_OPTIONS)
 
 
 def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                  progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Probabilities and reference masks for every slice of a `scan_dataset` frame."""
-    probs, targets = [], []
-    rows = range(0, len(df), batch_size)
-    for start in tqdm(rows, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        part = df.iloc[start:start + batch_size]
-        probs += predict_proba(model, [read_image(p) for p in part["image_path"]], batch_size, precision)
-        targets += [read_mask(p) for p in part["mask_path"]]
+                  progress: bool = True, context: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Probabilities and reference masks for every slice of a `scan_dataset` frame, in its row order.
+
+    A context model gets each patient's slices as one volume, so every slice goes in with its
+    neighbours; without ``context``, each slice alone, as the app's one-slice tab gets it.
+    """
+    volume = bool(context and model.context_slices)
+    if volume:
+        slices = df["slice"].to_numpy()
+        parts = [rows[np.argsort(slices[rows], kind="stable")]
+                 for rows in df.groupby("patient", sort=False).indices.values()]
+    else:
+        parts = [np.arange(start, min(start + batch_size, len(df))) for start in range(0, len(df), batch_size)]
+    probs, targets = [None] * len(df), [None] * len(df)
+    for rows in tqdm(parts, desc="evaluate", unit="patient" if volume else "batch", disable=not progress, leave=False):
+        part = df.iloc[rows]
+        images = [read_image(p) for p in part["image_path"]]
+        probs_of_part = predict_proba(model, images, batch_size, precision, volume)
+        for row, prob, path in zip(rows, probs_of_part, part["mask_path"]):
+            probs[row], targets[row] = prob, read_mask(path)
     return probs, targets
 
 
@@ -83,21 +95,22 @@ def volume_step(model: UNet, largest_3d_component: bool | None) -> bool:
 
 
 def predict_counts(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   progress: bool = True, largest_3d_component: bool | None = None) -> np.ndarray:
+                   progress: bool = True, largest_3d_component: bool | None = None, context: bool = True) -> np.ndarray:
     """Per-slice `pixel_counts` of the model's masks on ``df``, post-processed as its config says.
 
-    ``largest_3d_component`` overrides the config's whole-volume step (None: as the config says).
+    ``largest_3d_component`` overrides the config's whole-volume step (None: as the config says);
+    ``context`` as for `predict_frame`.
     """
-    probs, targets = predict_frame(model, df, batch_size, precision, progress)
+    probs, targets = predict_frame(model, df, batch_size, precision, progress, context)
     volume = volume_step(model, largest_3d_component)
     return mask_counts(probs, targets, model.threshold, model.min_component_area, df if volume else None,
                        model.image_size, model.fill_holes)
 
 
 def evaluate_model(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
-                   progress: bool = True, largest_3d_component: bool | None = None) -> dict:
+                   progress: bool = True, largest_3d_component: bool | None = None, context: bool = True) -> dict:
     """The metrics of `unet.metrics.summarize` for a model on the slices of ``df``."""
-    probs, targets = predict_frame(model, df, batch_size, precision, progress)
+    probs, targets = predict_frame(model, df, batch_size, precision, progress, context)
     return score(probs, targets, df, model.threshold, model.min_component_area,
                  volume_step(model, largest_3d_component), model.image_size, model.fill_holes)
 
@@ -124,9 +137,10 @@ def trained_patients(metrics: dict) -> set[str]:
 
 def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
                    largest_3d_component: bool | None = None, device: str | torch.device = "cpu",
-                   fill_holes: bool | None = None) -> dict:
+                   fill_holes: bool | None = None, context: bool = True) -> dict:
     """Cross-validation: each fold's model on its own test patients, pooled into one set of metrics.
-    ``largest_3d_component`` and ``fill_holes`` override each fold's config where given.
+    ``largest_3d_component`` and ``fill_holes`` override each fold's config where given; ``context``
+    as for `predict_frame`.
 
     The slices' pixel counts are pooled before summarising, so every metric is exactly what one
     evaluation over all the tested patients would give.
@@ -145,7 +159,8 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
     for model_dir, part in zip(model_dirs, tests):
         model = prepare_for_inference(load_model(model_dir, device=device))
         model.fill_holes = model.fill_holes if fill_holes is None else fill_holes
-        counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component))
+        counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component,
+                                     context=context))
         patients += list(part["patient"])
         volume.add(volume_step(model, largest_3d_component))
     log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
@@ -239,10 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--largest-3d-component", choices=["config", "on", "off"], default="config",
                         help="keep only each patient's largest 3D connected component (whole-volume post-processing, "
                              "as in Buda et al.'s reference code): as the model's config.json says (default), or "
-                             "force it on or off; off gives exactly the masks of the app's one-slice tab")
+                             "force it on or off; off (with --context off) gives exactly the masks of the app's "
+                             "one-slice tab")
     parser.add_argument("--fill-holes", choices=["config", "on", "off"], default="config",
                         help="fill the holes of each predicted tumor component: as the model's config.json says "
                              "(default), or force it on or off")
+    parser.add_argument("--context", choices=["config", "off"], default="config",
+                        help="a model with context slices (config.json) sees each slice with its neighbours in the "
+                             "patient's volume (default), or off: each slice alone, as the app's one-slice tab "
+                             "gives it")
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
     return parser
 
@@ -260,18 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
     volume = {"config": None, "on": True, "off": False}[args.largest_3d_component]
     fill_holes = {"config": None, "on": True, "off": False}[args.fill_holes]
+    context = args.context == "config"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         device = pick_device(args.device)
         if args.cv:
             metrics = evaluate_folds(args.cv, scan_dataset(args.data_dir), args.batch_size, args.precision, volume,
-                                     device, fill_holes)
+                                     device, fill_holes, context)
         else:
             model_dir = resolve_model_dir(args.model, revision=args.revision)
             model = prepare_for_inference(load_model(str(model_dir), device=device))
             model.fill_holes = model.fill_holes if fill_holes is None else fill_holes
             df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args, named)
-            metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume)
+            metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume,
+                                     context=context)
     except (DatasetError, OSError, ValueError) as error:
         log.error("error: %s", error)
         return 2

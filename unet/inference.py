@@ -2,20 +2,22 @@
 
 The model's config (see `unet.model.UNet`) fixes channel order, normalisation, input size,
 threshold, small-component removal, hole filling and flip test-time augmentation, so evaluate, the app
-and the benchmarks all produce the same mask from the same slice. The one step that needs a
-patient's other slices, the largest 3D component, is `keep_largest_volume_component`, applied
-where whole volumes are segmented (evaluate, the app's volume tab), never by `segment`.
+and the benchmarks all produce the same mask from the same slice. Two things use a patient's other
+slices where whole volumes are segmented (evaluate, the app's volume tab): a context model's
+neighbouring input slices (``volume=True``; a lone slice stands in for its own neighbours), and the
+largest 3D component, `keep_largest_volume_component`, never applied by `segment`.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
 import torch
 from scipy import ndimage
 
-from unet.data import normalize
+from unet.data import context_indices, normalize
 from unet.model import UNet
 
 
@@ -85,34 +87,61 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-@torch.inference_mode()
+def model_input(model: UNet, image: np.ndarray) -> torch.Tensor:
+    """One image -> the (3, S, S) tensor of one slice as the model takes it: RGB, resized, normalised."""
+    image = to_rgb_uint8(image)
+    if model.channel_order == "BGR":
+        image = image[..., ::-1]
+    size = model.image_size
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return normalize(image, model.mean, model.std, model.normalization)
+
+
+def context_batch(model: UNet, images: np.ndarray | list[np.ndarray], start: int, stop: int,
+                  volume: bool = False) -> torch.Tensor:
+    """The model's input for ``images[start:stop]``, (N, 3(2K+1), S, S): each slice's `model_input` with its
+    K context slices on each side stacked along channels in slice order, from the list with ``volume``
+    (the list's end slice standing in past an end), else the slice itself."""
+    k = model.context_slices
+    if not k:  # the one-slice path, kept as cheap as before context slices existed
+        return torch.stack([model_input(model, images[i]) for i in range(start, stop)])
+    # with a volume, the first and last slices need up to k slices beyond the range
+    first, last = (max(start - k, 0), min(stop + k, len(images))) if volume else (start, stop)
+    slices = {i: model_input(model, images[i]) for i in range(first, last)}
+    return torch.stack([
+        torch.cat([slices[j] for j in (context_indices(i, len(images), k) if volume else [i] * (2 * k + 1))])
+        for i in range(start, stop)
+    ])
+
+
 def predict_proba(model: UNet, images: np.ndarray | list[np.ndarray], batch_size: int = 8,
-                  precision: str = "auto") -> list[np.ndarray]:
+                  precision: str = "auto", volume: bool = False) -> list[np.ndarray]:
     """RGB uint8 images (H, W, 3) -> tumor probabilities (H, W) float32, one per image.
 
     Images are resized to the model's input size and the probabilities back to each image's
-    own size, so odd-sized uploads work.
+    own size, so odd-sized uploads work. A model with context slices sees each image with its
+    neighbours: with ``volume`` the images are one patient's consecutive slices in slice order and
+    the neighbours come from the list; without it each image is its own neighbour on every side.
     """
+    return list(iter_proba(model, images, batch_size, precision, volume))
+
+
+def iter_proba(model: UNet, images: np.ndarray | list[np.ndarray], batch_size: int = 8,
+               precision: str = "auto", volume: bool = False) -> Iterator[np.ndarray]:
+    """`predict_proba`, yielding each probability map as its batch is done (for a progress bar)."""
     device = next(model.parameters()).device
-    size = model.image_size
-    out = []
     for start in range(0, len(images), batch_size):
-        chunk = [to_rgb_uint8(im) for im in images[start:start + batch_size]]
-        if model.channel_order == "BGR":
-            chunk = [im[..., ::-1] for im in chunk]
-        batch = torch.stack([
-            normalize(cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) if im.shape[:2] != (size, size) else im,
-                      model.mean, model.std, model.normalization)
-            for im in chunk
-        ]).to(device).contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, precision):
+        stop = min(start + batch_size, len(images))
+        batch = context_batch(model, images, start, stop, volume).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast_for(device, precision):
             logits = model(batch).float()
             if model.tta_flips:
                 logits = (logits + model(batch.flip(-1)).float().flip(-1)) / 2
-        prob = torch.sigmoid(logits)[:, 0].cpu().numpy()
-        for p, im in zip(prob, chunk):
-            out.append(p if p.shape == im.shape[:2] else cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR))
-    return out
+            prob = torch.sigmoid(logits)[:, 0].cpu().numpy()
+        for p, i in zip(prob, range(start, stop)):
+            shape = np.shape(images[i])[:2]
+            yield p if p.shape == shape else cv2.resize(p, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def postprocess(prob: np.ndarray, threshold: float, min_component_area: int = 0,
@@ -160,9 +189,11 @@ def keep_largest_volume_component(masks: np.ndarray) -> np.ndarray:
 
 
 def segment(model: UNet, images: np.ndarray | list[np.ndarray], threshold: float | None = None,
-            batch_size: int = 8, precision: str = "auto") -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Images -> (boolean masks, probabilities), with the model's threshold unless one is given."""
-    probs = predict_proba(model, images, batch_size=batch_size, precision=precision)
+            batch_size: int = 8, precision: str = "auto",
+            volume: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images -> (boolean masks, probabilities), with the model's threshold unless one is given;
+    ``volume`` as for `predict_proba`."""
+    probs = predict_proba(model, images, batch_size=batch_size, precision=precision, volume=volume)
     t = model.threshold if threshold is None else threshold
     return [postprocess(p, t, model.min_component_area, model.image_size, model.fill_holes) for p in probs], probs
 

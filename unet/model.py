@@ -48,10 +48,14 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-# The constructor's settings, all of them written to config.json: the model's preprocessing and post-processing
-# contract with every consumer.
-CONFIG_KEYS = ("in_channels", "width", "depth", "upsampling", "image_size", "channel_order", "mean", "std",
-               "normalization", "threshold", "min_component_area", "fill_holes", "tta_flips", "largest_3d_component")
+# The constructor's settings, written to config.json (the optional ones below only when set): the model's
+# preprocessing and post-processing contract with every consumer.
+CONFIG_KEYS = ("in_channels", "context_slices", "width", "depth", "upsampling", "image_size", "channel_order", "mean",
+               "std", "normalization", "threshold", "min_component_area", "fill_holes", "tta_flips",
+               "largest_3d_component")
+# Settings whose default is exactly what every model saved before them did: written to config.json only when set,
+# so such a model's config.json is what it always was (older code loads it), and one without them is no surprise.
+OPTIONAL_KEYS = ("context_slices",)
 
 
 class UNet(
@@ -70,6 +74,7 @@ class UNet(
     def __init__(
         self,
         in_channels: int = 3,
+        context_slices: int = 0,
         width: int = 16,
         depth: int = 4,
         upsampling: str = "transpose",
@@ -94,11 +99,16 @@ class UNet(
         if min(in_channels, width, depth) < 1 or image_size < 1 or image_size % 2**depth:
             raise ValueError(f"in_channels, width and depth must be at least 1 and image_size a positive multiple of "
                              f"2**depth, got {in_channels}, {width}, {depth} and {image_size}")
+        if context_slices < 0 or in_channels != 3 * (2 * context_slices + 1):
+            raise ValueError(f"in_channels must be 3 x (2 x context_slices + 1), three per slice, got {in_channels} "
+                             f"with context_slices {context_slices}")
         if not 0 < threshold < 1 or min_component_area < 0:
             raise ValueError(f"threshold must lie between 0 and 1 and min_component_area be at least 0, got "
                              f"{threshold} and {min_component_area}")
         self.in_channels, self.width, self.depth, self.upsampling = in_channels, width, depth, upsampling
         self.image_size = image_size
+        # 2.5D input: each slice goes in with this many neighbouring slices of its volume on each side.
+        self.context_slices = int(context_slices)
         # The preprocessing and post-processing contract, stored in config.json.
         self.channel_order = channel_order
         self.mean = tuple(float(m) for m in mean)
@@ -135,7 +145,7 @@ class UNet(
     def config(self) -> dict:
         """The constructor arguments as they stand now, including tuned post-processing."""
         return {k: list(getattr(self, k)) if isinstance(getattr(self, k), tuple) else getattr(self, k)
-                for k in CONFIG_KEYS}
+                for k in CONFIG_KEYS if k not in OPTIONAL_KEYS or getattr(self, k)}
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # Write config.json ourselves (the mixin then keeps it) so that post-processing
@@ -196,7 +206,7 @@ def check_config(path: Path) -> None:
     unknown = sorted(settings.keys() - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown setting {unknown[0]!r}; a UNet takes {', '.join(CONFIG_KEYS)}")
-    missing = [k for k in CONFIG_KEYS if k not in settings]
+    missing = [k for k in CONFIG_KEYS if k not in settings and k not in OPTIONAL_KEYS]
     if missing:  # models saved before a setting existed
         log.warning("%s lacks %s: the UNet's defaults are used", path, ", ".join(missing))
 

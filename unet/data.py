@@ -214,13 +214,34 @@ def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     uses the slice's own statistics over its non-background pixels, which removes the
     scanner-to-scanner intensity differences between institutions.
     """
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
     # astype copies, so read-only arrays (Pillow's, Gradio's) are fine and the caller's is never touched.
-    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).div_(255.0)
     if mode == "slice":
-        foreground = x.amax(0) > 0
-        pixels = x[:, foreground] if int(foreground.sum()) >= 64 else x.flatten(1)
-        return x.sub_(pixels.mean(1).view(-1, 1, 1)).div_(pixels.std(1).clamp_min(1e-3).view(-1, 1, 1))
-    return x.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+        mean, std = slice_stats(image)
+    return x.sub_(torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)).div_(
+        torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+
+def slice_stats(image: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of a uint8 HxWxC slice over its non-background pixels, all of
+    them where fewer than 64 are non-zero, scaled to [0, 1]. Taken from 256-bin histograms: a third of the
+    cost of reducing the float pixels, which made this the data loader's and the app's slowest step."""
+    foreground = image[..., 0] > 0
+    for channel in range(1, image.shape[2]):  # numpy's reductions over a short last axis are 10x slower
+        foreground |= image[..., channel] > 0
+    if np.count_nonzero(foreground) < 64:
+        foreground = np.ones(foreground.shape, bool)
+    levels = np.arange(256) / 255.0
+    means, stds = [], []
+    for channel in range(image.shape[2]):
+        counts = np.bincount(image[..., channel][foreground], minlength=256)
+        n = counts.sum()
+        m = counts @ levels / n
+        means.append(float(m))
+        stds.append(max(float(np.sqrt(counts @ (levels - m) ** 2 / max(n - 1, 1))), 1e-3))
+    return means, stds
 
 
 def normalize_stack(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],

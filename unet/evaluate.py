@@ -135,6 +135,14 @@ def trained_patients(metrics: dict) -> set[str]:
     return set().union(*(splits.get(name, []) for name in metrics.get("trained_on", ["train"])))
 
 
+def load_for_evaluation(model_dir: str, device: str | torch.device = "cpu", fill_holes: bool | None = None) -> UNet:
+    """A saved model ready for inference, its hole filling overridden where given (None: as its config says)."""
+    model = prepare_for_inference(load_model(model_dir, device=device))
+    if fill_holes is not None:
+        model.fill_holes = fill_holes
+    return model
+
+
 def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16, precision: str = "auto",
                    largest_3d_component: bool | None = None, device: str | torch.device = "cpu",
                    fill_holes: bool | None = None, context: bool = True) -> dict:
@@ -157,8 +165,7 @@ def evaluate_folds(model_dirs: list[str], df: pd.DataFrame, batch_size: int = 16
         tests.append(patient_rows(df, test))
     counts, patients, volume = [], [], set()
     for model_dir, part in zip(model_dirs, tests):
-        model = prepare_for_inference(load_model(model_dir, device=device))
-        model.fill_holes = model.fill_holes if fill_holes is None else fill_holes
+        model = load_for_evaluation(model_dir, device, fill_holes)
         counts.append(predict_counts(model, part, batch_size, precision, largest_3d_component=largest_3d_component,
                                      context=context))
         patients += list(part["patient"])
@@ -289,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                                      device, fill_holes, context)
         else:
             model_dir = resolve_model_dir(args.model, revision=args.revision)
-            model = prepare_for_inference(load_model(str(model_dir), device=device))
-            model.fill_holes = model.fill_holes if fill_holes is None else fill_holes
+            model = load_for_evaluation(str(model_dir), device, fill_holes)
             df = model_patients(scan_dataset(args.data_dir), recorded_metrics(model_dir), args, named)
             metrics = evaluate_model(model, df, args.batch_size, args.precision, largest_3d_component=volume,
                                      context=context)

@@ -239,6 +239,23 @@ def test_slice_normalisation_ignores_background_and_scanner_gain():
     assert torch.allclose(normalize(image, (0.0,) * 3, (1.0,) * 3)[:, 0, 0], torch.zeros(3))
 
 
+def test_slice_statistics_from_histograms_equal_those_of_the_float_pixels():
+    rng = np.random.default_rng(1)
+    dark = np.zeros((64, 64, 3), np.uint8)
+    dark[0, :10, 1] = 200  # under 64 non-zero pixels: the whole slice counts
+    brain = np.zeros((64, 64, 3), np.uint8)
+    brain[8:56, 10:50] = rng.integers(0, 256, (48, 40, 3))
+    brain[20:30, 20:30, 0] = 0  # a pixel is background only where every channel is 0
+    for image in (brain, dark, rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)):
+        x = torch.from_numpy(image.astype(np.float64)).permute(2, 0, 1) / 255
+        foreground = x.amax(0) > 0
+        pixels = x[:, foreground] if int(foreground.sum()) >= 64 else x.flatten(1)
+        expected = (x - pixels.mean(1).view(-1, 1, 1)) / pixels.std(1).clamp_min(1e-3).view(-1, 1, 1)
+        assert torch.allclose(normalize(image, LGG_MEAN, LGG_STD, "slice").double(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(brain.astype(np.float32), LGG_MEAN, LGG_STD, "slice")
+
+
 def test_flair_only_augmentation_copies_flair_into_every_channel():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)

@@ -216,7 +216,7 @@ def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     """
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    # astype copies, so read-only arrays (Pillow's, Gradio's) are fine and the caller's is never touched.
+    # The float copy leaves read-only arrays (Pillow's, Gradio's) and the caller's own untouched.
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).div_(255.0)
     if mode == "slice":
         mean, std = slice_stats(image)
@@ -249,6 +249,14 @@ def normalize_stack(image: np.ndarray, mean: tuple[float, ...], std: tuple[float
     """`normalize` for slices stacked along channels (HxWx3S): each 3-channel slice on its own, as inference does."""
     slices = [normalize(image[..., c:c + 3], mean, std, mode) for c in range(0, image.shape[2], 3)]
     return slices[0] if len(slices) == 1 else torch.cat(slices)
+
+
+def volume_rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Each patient's row positions in a `scan_dataset` frame, in slice-number order: the order in which its
+    volume is stacked for context slices and cut to its largest 3D component."""
+    slices = df["slice"].to_numpy()
+    return {patient: rows[np.argsort(slices[rows], kind="stable")]
+            for patient, rows in df.groupby("patient", sort=False).indices.items()}
 
 
 def context_indices(index: int, count: int, k: int) -> list[int]:
@@ -330,9 +338,7 @@ class LGGDataset(Dataset):
         self.neighbours = np.arange(len(self.df))[:, None]
         if context_slices:
             self.neighbours = np.repeat(self.neighbours, 2 * context_slices + 1, axis=1)
-            slices = self.df["slice"].to_numpy()
-            for patient, rows in self.df.groupby("patient", sort=False).indices.items():
-                rows = rows[np.argsort(slices[rows], kind="stable")]
+            for patient, rows in volume_rows(self.df).items():
                 if len({self.images[r].shape for r in rows}) > 1:  # they are stacked along channels
                     raise DatasetError(f"the slices of patient {patient} differ in size")
                 for position, row in enumerate(rows):

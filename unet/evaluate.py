@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from unet.card import METRICS
-from unet.data import DatasetError, read_image, read_mask, scan_dataset, split_patients
+from unet.data import DatasetError, read_image, read_mask, scan_dataset, split_patients, volume_rows
 from unet.hub import resolve_model_dir
 from unet.inference import (keep_largest_volume_component, pick_device, postprocess, predict_proba,
                             prepare_for_inference)
@@ -47,9 +47,7 @@ def predict_frame(model: UNet, df: pd.DataFrame, batch_size: int = 16, precision
     """
     volume = bool(context and model.context_slices)
     if volume:
-        slices = df["slice"].to_numpy()
-        parts = [rows[np.argsort(slices[rows], kind="stable")]
-                 for rows in df.groupby("patient", sort=False).indices.values()]
+        parts = list(volume_rows(df).values())
     else:
         parts = [np.arange(start, min(start + batch_size, len(df))) for start in range(0, len(df), batch_size)]
     probs, targets = [None] * len(df), [None] * len(df)
@@ -72,10 +70,7 @@ def mask_counts(probs: list[np.ndarray], targets: list[np.ndarray], threshold: f
     """
     preds = np.stack([postprocess(p, threshold, min_component_area, area_size, fill_holes) for p in probs])
     if volumes is not None:
-        patients, slices = volumes["patient"].to_numpy(), volumes["slice"].to_numpy()
-        for patient in np.unique(patients):
-            rows = np.flatnonzero(patients == patient)
-            rows = rows[np.argsort(slices[rows])]
+        for rows in volume_rows(volumes).values():
             preds[rows] = keep_largest_volume_component(preds[rows])
     return pixel_counts(preds, np.stack(targets))
 

@@ -164,8 +164,9 @@ python -m unet.evaluate --data-dir kaggle_3m --model {repo} --split test
 MODEL_ID={repo} python app.py
 ```
 
-`examples/` holds a few test-split slices (PNG, channels in file order) with their reference
-masks (`*_mask.png`, 0/255) for the demo app.
+A copy published with the data at hand (`train.py --push`, or `python -m unet.push` with `--data-dir`) has
+`examples/`: a few test-split slices (PNG, channels in file order) with their reference masks (`*_mask.png`,
+0/255) for the demo app. One published without it, or the copy in the project's repository, has none.
 
 ## Evaluation
 

@@ -185,9 +185,12 @@ def load_mask(data: bytes, name: str) -> np.ndarray:
     """Reference mask file bytes -> HxW bool; InputError (one line) if it is not a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            refuse_oversize(name, *im.size)
             im = ImageOps.exif_transpose(im)  # as the image is turned, so must its mask be
             # Colour as it is: a gray conversion would weigh a pure red mask down to 76, under the cut.
             return binary_mask(np.asarray(im if im.mode in ("1", "L") else im.convert("RGB")))
+    except InputError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise InputError(f"{name}: the mask is not a readable image") from None
 
@@ -338,11 +341,16 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
     Files named ``<name>_mask.<ext>`` are reference masks of ``<name>``; everything else that
     is not an image is refused with one line.
     """
+    # Every limit holds before anything is decoded: a small compressed file can decode to 50 MB of pixels.
+    if len(paths) > 2 * MAX_VOLUME_SLICES:
+        raise InputError(f"{len(paths)} files; at most {MAX_VOLUME_SLICES} slices (and their masks) are accepted")
     files: list[tuple[str, bytes]] = []
     for path in paths:
         path = Path(path)
         if path.suffix.lower() != ".zip":
             files.append((path.name, read_upload(path)))
+            if sum(len(data) for _, data in files) > 4 * MAX_FILE_MB * 2**20:
+                raise InputError(f"the files hold more than {4 * MAX_FILE_MB} MB in all")
             continue
         try:
             with zipfile.ZipFile(path) as archive:
@@ -359,20 +367,25 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
         except (RuntimeError, NotImplementedError) as error:  # encrypted, or packed by a method zipfile lacks
             raise InputError(f"{path.name}: cannot unpack ({str(error).splitlines()[0]}); "
                              "zip the slices without a password, with the usual Deflate method") from None
-    masks = {}
-    slices = {}
-    for name, data in files:
+    is_mask = [Path(name).stem.endswith("_mask") for name, _ in files]
+    if len(files) - sum(is_mask) > MAX_VOLUME_SLICES or sum(is_mask) > MAX_VOLUME_SLICES:
+        raise InputError(f"{len(files) - sum(is_mask)} slices and {sum(is_mask)} masks; at most {MAX_VOLUME_SLICES} "
+                         "of each are accepted")
+    masks, slices = {}, {}
+    pixels = {True: 0, False: 0}  # masks, slices: each stops at the limit, one image past it at most decoded
+    for (name, data), mask in zip(files, is_mask):
         stem = Path(name).stem
-        if stem.endswith("_mask"):
-            masks[stem[:-5]] = load_mask(data, name)
+        decoded = load_mask(data, name) if mask else decode_image(data, name)
+        pixels[mask] += decoded.shape[0] * decoded.shape[1] if mask else decoded.image.shape[0] * decoded.image.shape[1]
+        if pixels[mask] > MAX_VOLUME_PIXELS:
+            raise InputError(f"the {'masks' if mask else 'slices'} hold more than {MAX_VOLUME_PIXELS / 1e6:.0f} "
+                             "megapixels in all")
+        if mask:
+            masks[stem[:-5]] = decoded
         else:
-            slices[stem] = decode_image(data, name)
+            slices[stem] = decoded
     if not slices:
         raise InputError("no image slices found among the uploaded files")
-    if len(slices) > MAX_VOLUME_SLICES:
-        raise InputError(f"{len(slices)} slices; at most {MAX_VOLUME_SLICES} are accepted")
-    if sum(s.image.shape[0] * s.image.shape[1] for s in slices.values()) > MAX_VOLUME_PIXELS:
-        raise InputError(f"the slices hold more than {MAX_VOLUME_PIXELS / 1e6:.0f} megapixels in all")
     names = sorted(slices, key=natural_key)
     for name in names:
         if name in masks and masks[name].shape != slices[name].image.shape[:2]:
@@ -645,7 +658,7 @@ def build_demo(serving: ServingModel, examples_dir: str | Path | None = None) ->
             return gr.skip(), gr.skip(), gr.skip()
         return show_single(state, threshold)
 
-    def on_volume(paths: list[str] | None, threshold: float, progress=gr.Progress()) -> tuple:
+    def on_volume(paths: list[str] | None, threshold: float, progress: gr.Progress = gr.Progress()) -> tuple:
         if not paths:
             return None, "", None, None, None
         try:
@@ -804,7 +817,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the model's examples, else the project's synthetic ones)")
     p.add_argument("--host", default="0.0.0.0" if on_spaces else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (default: %(default)s; 0.0.0.0 on Spaces)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="(default: %(default)s)")
+    port = os.environ.get("GRADIO_SERVER_PORT", "7860")
+    if not port.strip().isdigit():
+        p.error(f"GRADIO_SERVER_PORT={port!r} is not a port number")
+    p.add_argument("--port", type=int, default=int(port), help="(default: %(default)s, or GRADIO_SERVER_PORT)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests the model serves at once; more wait in the queue (default: %(default)s)")
     args = p.parse_args(argv)

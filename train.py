@@ -37,7 +37,8 @@ from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, spl
 from unet.evaluate import evaluate_model, options_named, predict_frame, score
 from unet.inference import autocast_dtype, autocast_for, pick_device
 from unet.losses import BCEDiceLoss
-from unet.model import LGG_MEAN, LGG_STD, UNet, count_parameters
+from unet.metrics import json_safe
+from unet.model import LGG_MEAN, LGG_STD, UNet, count_parameters, load_model
 from unet.synthetic import make_synthetic_dataset
 
 log = logging.getLogger("train")
@@ -150,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  "chooses the epoch and the post-processing"),
         (0 <= a.test_fraction < 1 - a.val_fraction, f"--test-fraction must be from 0 to below 1 - --val-fraction, "
                                                      f"not {a.test_fraction}"),
+        (a.folds < 2 or a.val_fraction < 1 - 1 / a.folds, f"--val-fraction must be below 1 - 1/--folds = "
+                                                         f"{1 - 1 / max(a.folds, 2):.2f}, not {a.val_fraction}: each fold's "
+                                                         "test patients come first"),
         (a.patients is None or a.patients >= 3, f"--patients must be at least 3 (train, validation, test), not {a.patients}"),
         (a.width >= 1, f"--width must be at least 1, not {a.width}"),
         (a.depth >= 1, f"--depth must be at least 1, not {a.depth}"),
@@ -305,10 +309,28 @@ def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write then rename, so a kill during the save never leaves a torn checkpoint."""
+    """Write, flush to disk, then rename, so a kill or a power cut during the save never leaves a torn checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def save_best(model: UNet, best_dir: Path) -> None:
+    """Write the kept epoch's weights and config beside ``best_dir``, then move each file in with one rename.
+
+    save_pretrained deletes and rewrites in place: a kill between its files would leave no weights, or
+    a config without them. A run writes the same config.json every epoch, so the renames cannot mismatch.
+    """
+    staging = best_dir.with_name(best_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    best_dir.mkdir(exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        os.replace(staging / name, best_dir / name)
+    shutil.rmtree(staging)
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:
@@ -394,7 +416,7 @@ def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, p
                       precision_used: str, out_dir: Path) -> Path:
     """Load the kept epoch, choose its post-processing on validation, score it once on validation and test,
     and write it in the Hub layout (weights, config, metrics.json, curves, model card) to ``out_dir/model``."""
-    model = UNet.from_pretrained(out_dir / "best", strict=True).to(device).to(memory_format=torch.channels_last).eval()
+    model = load_model(str(out_dir / "best")).to(device).to(memory_format=torch.channels_last).eval()
     if args.no_tune or args.train_on_val:
         model.threshold, model.min_component_area = args.threshold, args.min_component_area
         model.fill_holes, model.largest_3d_component = args.fill_holes, args.largest_3d_component
@@ -439,7 +461,7 @@ def write_final_model(args: argparse.Namespace, state: dict, frames: dict[str, p
     }
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir)
-    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (model_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     shutil.copy(out_dir / "curves.png", model_dir / "curves.png")
     write_model_card(model_dir, metrics)
     if test:
@@ -456,9 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "last.pt"
     state = None
-    if not args.resume and checkpoint_path.exists():
-        log.error("error: %s already holds a run (last.pt): add --resume to go on with it, or choose another --out-dir",
-                  out_dir)
+    earlier_run = [name for name in ("last.pt", "best", "model", "history.csv") if (out_dir / name).exists()]
+    if not args.resume and earlier_run:
+        log.error("error: %s already holds a run (%s): add --resume to go on with it, or choose another --out-dir",
+                  out_dir, earlier_run[0])
         return 2
     if args.resume:
         if not checkpoint_path.is_file():
@@ -596,13 +619,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_on_val:  # nothing to select on: the last epoch is the model
             log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])
             state.update(best_epoch=epoch + 1)
-            kept.save_pretrained(out_dir / "best")
+            save_best(kept, out_dir / "best")
         else:
             log.info("epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f", row["epoch"],
                      row["train_loss"], row["val_patient_dice"], row["val_tumor_slice_dice"], row["val_healthy_fp_rate"])
             if val["patient_dice_mean"] > state["best_score"]:
                 state.update(best_score=val["patient_dice_mean"], best_epoch=epoch + 1, bad_epochs=0)
-                kept.save_pretrained(out_dir / "best")
+                save_best(kept, out_dir / "best")
             else:
                 state["bad_epochs"] += 1
         history = pd.DataFrame(state["history"])

@@ -20,11 +20,15 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 
 from benchmarks.common import (DEFAULT_MODEL_DIR, ROOT, machine, parse, parser, peak_rss_mb, sample_slice,
                                summarize_times, table, write_json)
+
+if TYPE_CHECKING:  # imported where used: the benchmark's other parts need no gradio_client
+    from gradio_client import Client
 
 log = logging.getLogger("benchmarks.app")
 
@@ -66,7 +70,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> float:
     raise RuntimeError(f"app.py did not answer at {url} within {timeout_s:.0f} s")
 
 
-def timed_requests(client, image_path: Path, count: int, latencies: list, errors: list,
+def timed_requests(client: Client, image_path: Path, count: int, latencies: list, errors: list,
                    barrier: threading.Barrier | None = None) -> None:
     from gradio_client import handle_file
 

@@ -289,6 +289,28 @@ def test_volume_from_files_and_zip(model, tmp_path):
         app.read_volume([tmp_path / "P_2_mask.png"])
 
 
+def test_volume_limits_hold_before_the_slices_are_decoded(tmp_path, monkeypatch):
+    decoded = []
+    real_decode = app.decode_image
+    monkeypatch.setattr(app, "decode_image", lambda data, name: decoded.append(name) or real_decode(data, name))
+    monkeypatch.setattr(app, "MAX_VOLUME_SLICES", 3)
+    monkeypatch.setattr(app, "MAX_VOLUME_PIXELS", 2 * 64 * 64)
+    blank = np.zeros((64, 64, 3), np.uint8)
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as archive:
+        for k in range(4):  # small files that decode to many more bytes than they hold
+            Image.fromarray(blank).save(tmp_path / f"P_{k}.png")
+            archive.write(tmp_path / f"P_{k}.png", f"P_{k}.png")
+    with pytest.raises(app.InputError, match="^4 slices and 0 masks; at most 3 of each are accepted$"):
+        app.read_volume([tmp_path / "many.zip"])
+    assert decoded == []
+    with pytest.raises(app.InputError, match="^the slices hold more than 0 megapixels in all$"):
+        app.read_volume([tmp_path / f"P_{k}.png" for k in range(3)])
+    assert decoded == ["P_0.png", "P_1.png", "P_2.png"]  # stopped at the first slice past the limit
+    Image.new("L", (5000, 8)).save(tmp_path / "P_0_mask.png")
+    with pytest.raises(app.InputError, match="^P_0_mask.png: the image is 5000x8 pixels; at most 4096x4096"):
+        app.read_volume([tmp_path / "P_0.png", tmp_path / "P_0_mask.png"])
+
+
 @pytest.mark.parametrize("field, value, reason", [
     ("flags", 0x1, "encrypted, password required"),  # a zip with a password
     ("method", 9, "compression method is not supported"),  # Deflate64, which zipfile cannot unpack
@@ -453,6 +475,22 @@ def test_flags_that_cannot_work_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_a_port_setting_that_is_no_number_is_refused_naming_it(monkeypatch, capsys):
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "80a")
+    with pytest.raises(SystemExit):
+        app.parse_args([])
+    assert "GRADIO_SERVER_PORT='80a' is not a port number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["5s", "0", "nan"])
+def test_a_hub_timeout_that_is_no_duration_is_one_line_naming_it(monkeypatch, caplog, value):
+    monkeypatch.setenv("HUB_CONNECT_TIMEOUT", value)
+    with caplog.at_level(logging.ERROR, logger="app"):
+        assert app.main(["--model", "user/brain-mri-unet"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"HUB_CONNECT_TIMEOUT={value!r} is not a number of seconds above 0" in errors[0]
 
 
 def test_missing_shipped_model_is_one_line_error(monkeypatch, tmp_path, caplog):

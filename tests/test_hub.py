@@ -16,8 +16,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -286,6 +289,43 @@ def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch):
     assert "HF_HUB_OFFLINE is set" in hub.load_for_serving("alice/unet-cached").notice
 
 
+def test_timeouts_outlive_the_clients_reset_after_a_connection_error(monkeypatch):
+    hub.use_short_timeouts()
+    huggingface_hub.close_session()  # what the client does after a ConnectError, before it retries
+    session = huggingface_hub.get_session()
+    hooks = session.event_hooks["request"]
+    assert hub._bound_timeouts in hooks and len(hooks) >= 2  # the client's own hook is kept beside ours
+    monkeypatch.setenv("HUB_READ_TIMEOUT", "7")
+    request = session.build_request("GET", "http://127.0.0.1:9/")
+    hub._bound_timeouts(request)
+    assert request.extensions["timeout"] == {"connect": 5.0, "read": 7.0, "write": 7.0, "pool": 7.0}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_rate_limited_or_failing_hub_serves_the_cached_copy(hub_env, model_copy, monkeypatch, status):
+    assert push_model(model_copy, f"alice/unet-{status}") == 0
+    online = hub.load_for_serving(f"alice/unet-{status}")
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "try again later"}')
+
+        def log_message(self, *_):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Refusing) as refusing:
+        threading.Thread(target=refusing.serve_forever, daemon=True).start()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{refusing.server_address[1]}")
+        served = hub.load_for_serving(f"alice/unet-{status}")
+        refusing.shutdown()
+    assert served.model_dir == online.model_dir
+    assert f"answered {status}" in served.notice and f"cached copy of alice/unet-{status}" in served.notice
+
+
 @pytest.mark.timeout(60)  # a hang guard: the bounded timeouts answer in seconds
 def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)  # the real one may not be trained yet
@@ -301,7 +341,7 @@ def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir,
 @pytest.mark.timeout(60)  # a hang guard: the bounded timeouts answer in seconds
 def test_hung_endpoint_does_not_hang_the_app(hub_env, tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)
-    monkeypatch.setattr(hub, "HUB_PROBE_TIMEOUT", 1.0)
+    monkeypatch.setenv("HUB_PROBE_TIMEOUT", "1")
     fresh_cache(monkeypatch, tmp_path, "empty_cache")
     with socket.socket() as hung:  # accepts connections (the kernel does) but never answers
         hung.bind(("127.0.0.1", 0))

@@ -120,6 +120,10 @@ def test_a_broken_model_folder_is_a_one_line_error_naming_the_file(tmp_path):
     config_path.write_text(json.dumps({**settings, "image_size": 50}))
     assert error_of(ValueError).startswith(f"{config_path}: in_channels, width and depth must be at least 1 and "
                                            "image_size a positive multiple of 2**depth, got 3, 8, 2 and 50")
+    for mean, std in (([0.1, 0.2], [0.1, 0.1, 0.1]), ([0.1, 0.1, 0.1], [0.1, 0.0, 0.1])):  # one short; a division by 0
+        config_path.write_text(json.dumps({**settings, "mean": mean, "std": std}))
+        assert error_of(ValueError) == (f"{config_path}: mean and std must hold three values (one per channel) and "
+                                        f"std be above 0, got {mean} and {std}")
     config_path.unlink()  # the constructor's defaults are another model: refused, not guessed
     assert error_of(FileNotFoundError) == f"no config.json in model folder {tmp_path}"
 

@@ -90,6 +90,9 @@ def test_evaluate_takes_the_split_the_model_recorded(trained_run, tmp_path, caps
     caplog.set_level(logging.WARNING, logger="unet.evaluate")
     assert evaluate_main([*data, "--patients", metrics["splits"]["train"][0]]) == 0
     assert "trained this model" in caplog.text
+    # one patient has no interval: null in the JSON, which strict readers take (they refuse NaN)
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=pytest.fail)
+    assert scored["patient_dice_ci95"] == [None, None] and 0 <= scored["patient_dice_mean"] <= 1
 
 
 def test_evaluate_follows_the_models_3d_step_unless_told(trained_run, capsys):
@@ -517,6 +520,7 @@ def test_fn_weight_changes_the_loss_trained_on_and_is_recorded(tmp_path, capsys)
     (["--test-fraction", "-0.1"], "--test-fraction must be from 0 to below 1 - --val-fraction, not -0.1"),
     (["--patients", "-1"], "--patients must be at least 3 (train, validation, test), not -1"),
     (["--folds", "5", "--fold", "5"], "--fold must be from 0 to 4, not 5"),
+    (["--folds", "2", "--val-fraction", "0.5"], "--val-fraction must be below 1 - 1/--folds = 0.50, not 0.5"),
     (["--threshold", "1"], "--threshold must lie between 0 and 1, not 1.0"),
     (["--context-slices", "-1"], "--context-slices cannot be negative, not -1"),
     (["--context-dropout", "1.5"], "--context-dropout is a probability, from 0 to 1, not 1.5"),
@@ -564,6 +568,34 @@ def test_a_run_is_never_overwritten_and_a_broken_checkpoint_is_named(tmp_path, c
     torch.save({"weights": 1}, out / "last.pt")
     assert train.main([*base, "--resume"]) == 2
     assert f"{out / 'last.pt'} is not a checkpoint of train.py" in caplog.text
+    (out / "last.pt").unlink()  # the largest file, the first one deleted to save space: the run is still there
+    history = (out / "history.csv").read_bytes()
+    assert train.main(base) == 2
+    assert f"{out} already holds a run (best): add --resume" in caplog.text
+    assert (out / "history.csv").read_bytes() == history
     big = ["--synthetic", "--epochs", "1", "--batch-size", "1000", "--image-size", "64", "--width", "4", "--no-tune"]
     assert train.main([*big, "--out-dir", str(tmp_path / "big")]) == 2  # an epoch would have no step
     assert "--batch-size 1000 is more than the" in caplog.text
+
+
+def test_a_save_of_the_best_epoch_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    best = tmp_path / "best"
+    first = UNet(width=4, depth=2, image_size=64, normalization="slice")
+    train.save_best(first, best)
+    second = UNet(width=4, depth=2, image_size=64, normalization="slice")
+
+    def killed_mid_write(self, folder, **_):  # dies after the weights, before the config
+        Path(folder).mkdir()
+        (Path(folder) / "model.safetensors").write_bytes(b"torn")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(UNet, "save_pretrained", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_best(second, best)
+    kept = load_model(str(best))
+    assert kept.normalization == "slice"
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in first.state_dict().items())
+    monkeypatch.undo()
+    train.save_best(second, best)  # the next epoch's save clears what the cut one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert all(torch.equal(load_model(str(best)).state_dict()[k], v) for k, v in second.state_dict().items())

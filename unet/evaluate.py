@@ -28,7 +28,7 @@ from unet.data import DatasetError, read_image, read_mask, scan_dataset, split_p
 from unet.hub import resolve_model_dir
 from unet.inference import (keep_largest_volume_component, pick_device, postprocess, predict_proba,
                             prepare_for_inference)
-from unet.metrics import pixel_counts, summarize
+from unet.metrics import json_safe, pixel_counts, summarize
 from unet.model import UNet, load_model
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(metrics))
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps(json_safe(metrics), allow_nan=False))
     return 0
 
 

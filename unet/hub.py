@@ -13,13 +13,15 @@ once, at import), so tests and tools can point a running process at another Hub.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_session, snapshot_download
+from huggingface_hub import HfApi, constants, get_session, set_client_factory, snapshot_download
 from huggingface_hub.errors import (
+    GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
@@ -40,11 +42,9 @@ SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "brain-m
 # card, metrics, curves and example slices (examples/<stem>.png with examples/<stem>_mask.png).
 MODEL_FILES = ["config.json", "model.safetensors", "README.md", "metrics.json", "curves.png", "examples/*"]
 
-# Seconds to open a connection to the Hub, to wait for any one read or write on it, and for the
-# first question of a pull (which decides between the Hub and the cache).
-HUB_CONNECT_TIMEOUT = float(os.environ.get("HUB_CONNECT_TIMEOUT", 5))
-HUB_READ_TIMEOUT = float(os.environ.get("HUB_READ_TIMEOUT", 60))
-HUB_PROBE_TIMEOUT = float(os.environ.get("HUB_PROBE_TIMEOUT", 10))
+# Seconds, unless set in the environment: to open a connection to the Hub, to wait for any one read or
+# write on it, and for the first question of a pull (which decides between the Hub and the cache).
+TIMEOUT_DEFAULTS = {"HUB_CONNECT_TIMEOUT": 5.0, "HUB_READ_TIMEOUT": 60.0, "HUB_PROBE_TIMEOUT": 10.0}
 
 # Errors that mean "the Hub cannot be reached" rather than "the Hub said no".
 NETWORK_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
@@ -65,20 +65,41 @@ def hub_endpoint() -> str:
     return endpoint
 
 
+def hub_timeout(name: str) -> float:
+    """The timeout ``name`` (a key of TIMEOUT_DEFAULTS) in seconds, from the environment when set there."""
+    value = os.environ.get(name)
+    if value is None:
+        return TIMEOUT_DEFAULTS[name]
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # NaN fails too
+        raise ValueError(f"{name}={value!r} is not a number of seconds above 0")
+    return seconds
+
+
 def _bound_timeouts(request: httpx2.Request) -> None:
     """A request hook: fill in the timeouts a call left unset (the client's default is none)."""
     given = request.extensions.get("timeout") or {}
-    defaults = {"connect": HUB_CONNECT_TIMEOUT, "read": HUB_READ_TIMEOUT, "write": HUB_READ_TIMEOUT, "pool": HUB_READ_TIMEOUT}
+    read = hub_timeout("HUB_READ_TIMEOUT")
+    defaults = {"connect": hub_timeout("HUB_CONNECT_TIMEOUT"), "read": read, "write": read, "pool": read}
     request.extensions["timeout"] = {k: default if given.get(k) is None else given[k] for k, default in defaults.items()}
 
 
 def use_short_timeouts() -> None:
     """Bound every request of the client's shared session, so a dead or hung endpoint fails in
-    seconds, and keep its per-request INFO lines out of our logs."""
+    seconds, and keep its per-request INFO lines out of our logs. A timeout set to no number of
+    seconds is a `ValueError` here, before any request."""
+    for name in TIMEOUT_DEFAULTS:
+        hub_timeout(name)
     session = get_session()
-    hooks = session.event_hooks
-    if _bound_timeouts not in hooks["request"]:
-        session.event_hooks = {**hooks, "request": [*hooks["request"], _bound_timeouts]}
+    if _bound_timeouts not in session.event_hooks["request"]:
+        # Through the factory, not on this session alone: the client closes its session after a
+        # connection error and builds the next one from the factory, which would have no timeouts.
+        hooks = [*session.event_hooks["request"], _bound_timeouts]
+        follow = session.follow_redirects
+        set_client_factory(lambda: httpx2.Client(event_hooks={"request": hooks}, follow_redirects=follow, timeout=None))
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger("httpx2").level))
 
 
@@ -101,7 +122,8 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
     use_short_timeouts()
     try:
         info = HfApi(endpoint=endpoint).model_info(
-            repo_id, revision=revision, timeout=httpx2.Timeout(HUB_PROBE_TIMEOUT, connect=HUB_CONNECT_TIMEOUT))
+            repo_id, revision=revision,
+            timeout=httpx2.Timeout(hub_timeout("HUB_PROBE_TIMEOUT"), connect=hub_timeout("HUB_CONNECT_TIMEOUT")))
     except OfflineModeIsEnabled:
         return _cached_copy(repo_id, revision, "HF_HUB_OFFLINE is set")
     except NETWORK_ERRORS as error:
@@ -116,7 +138,7 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
         if status == 401:
             raise PermissionError(f"{endpoint} refused the token for {repo_id}: 401 invalid credentials "
                                   "(check HF_TOKEN or `hf auth login`)") from None
-        if status >= 500:
+        if status >= 500 or status == 429:  # down or rate-limited: a cached copy is as good as it was
             return _cached_copy(repo_id, revision, f"{endpoint} answered {status}")
         raise OSError(f"pull of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip()) from None
 
@@ -131,6 +153,12 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES, endpoint=endpoint))
     except (*NETWORK_ERRORS, LocalEntryNotFoundError) as error:  # the connection dropped after the first answer
         return _cached_copy(repo_id, revision, f"{endpoint} unreachable during download ({type(error).__name__})")
+    except GatedRepoError:
+        raise PermissionError(f"model repo {where} is gated: accept its terms on the Hub with an account whose token "
+                              "this machine uses (HF_TOKEN or `hf auth login`)") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no answer"
+        raise OSError(f"download of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip()) from None
     log.info("pulled %s (%s) into %s", where, folder.name[:7], folder)
     return folder, None
 

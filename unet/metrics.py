@@ -76,3 +76,15 @@ def summarize(counts: np.ndarray, patients: Sequence[str]) -> dict:
         "tumor_slices": int(tumor.sum()),
         "per_patient_dice": {k: round(float(v), 4) for k, v in patient_dice.items()},
     }
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinity (an interval over one patient, a rate over no slices) as None:
+    JSON has no NaN, and strict readers (jq, browsers) refuse the ``NaN`` that ``json.dumps`` writes."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

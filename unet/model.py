@@ -105,6 +105,10 @@ class UNet(
         if not 0 < threshold < 1 or min_component_area < 0:
             raise ValueError(f"threshold must lie between 0 and 1 and min_component_area be at least 0, got "
                              f"{threshold} and {min_component_area}")
+        # Three values each: every slice of a stack is normalised on its own (unet.data.normalize_stack).
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must hold three values (one per channel) and std be above 0, got "
+                             f"{list(mean)} and {list(std)}")
         self.in_channels, self.width, self.depth, self.upsampling = in_channels, width, depth, upsampling
         self.image_size = image_size
         # 2.5D input: each slice goes in with this many neighbouring slices of its volume on each side.

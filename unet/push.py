@@ -1,12 +1,13 @@
 """Publish a trained model folder to the Hugging Face Hub, in one commit.
 
-    python -m unet.push --model runs/lgg/model --repo-id USER/brain-mri-unet
+    python -m unet.push --model runs/lgg/model --repo-id USER/brain-mri-unet --data-dir PATH/TO/kaggle_3m
     python -m unet.push --model runs/lgg/model --repo-id USER/brain-mri-unet --private --revision experiment-1
 
 The commit holds config.json, model.safetensors, the model card (README.md), metrics.json,
 curves.png and examples/: a few slices of the test patients (tumor and healthy, lossless PNG in
 the file's channel order) with their reference masks, for the app to show. The examples are read
-from the data folder recorded in metrics.json, or ``--data-dir``; they are written to a staging
+from ``--data-dir``, else from the data folder metrics.json names (a name, not a machine's path: found
+only from the folder that holds it), else left out with a warning; they are written to a staging
 copy, never into the model folder.
 
 The token is HF_TOKEN or the one saved by ``hf auth login``; it is never printed. A failed push

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,11 +67,11 @@ def test_threshold_changes_area_monotonically(model, phantom):
     image = phantom[2]
     prob = app.predict(model, image)
     areas = [int(app.threshold_mask(model, prob, t).sum()) for t in np.linspace(0.01, 0.99, 25)]
-    assert all(a >= b for a, b in zip(areas, areas[1:]))
-    # The same through the public function: a lower threshold never finds less.
+    assert all(a >= b for a, b in zip(areas, areas[1:])) and areas[0] > areas[-1]
+    # The same through the public function: a lower threshold never finds less, and here finds more.
     low = app.segment_image(model, phantom[0], 0.01)[2]["tumor_pixels"]
     high = app.segment_image(model, phantom[0], 0.99)[2]["tumor_pixels"]
-    assert low >= high
+    assert low > high
 
 
 def test_slice_masks_are_the_ones_evaluate_scores_whatever_the_input_size():
@@ -289,6 +292,13 @@ def test_volume_from_files_and_zip(model, tmp_path):
         app.read_volume([tmp_path / "P_2_mask.png"])
 
 
+def test_a_missing_upload_or_an_unreadable_mask_is_one_line_naming_it(tmp_path):
+    with pytest.raises(app.InputError, match="^gone.png: file not found$"):
+        app.read_upload(tmp_path / "gone.png")
+    with pytest.raises(app.InputError, match="^P_1_mask.png: the mask is not a readable image$"):
+        app.load_mask(b"\x89PNG\r\n\x1a\n not really", "P_1_mask.png")
+
+
 def test_volume_limits_hold_before_the_slices_are_decoded(tmp_path, monkeypatch):
     decoded = []
     real_decode = app.decode_image
@@ -464,7 +474,15 @@ def test_flags_and_environment(monkeypatch):
     args = app.parse_args([])
     assert (args.host, args.port, args.model, args.revision) == ("0.0.0.0", 7000, "user/brain-mri-unet", "v1")
     assert app.parse_args(["--model", "m", "--host", "127.0.0.2"]).model == "m"
-    assert app.os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_importing_the_app_turns_gradios_analytics_off_whatever_the_environment():
+    # In a fresh process: this one's conftest already set the variable before app was imported.
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "True"}
+    seen = subprocess.run([sys.executable, "-c", "import app, gradio.analytics as a; print(a.analytics_enabled())"],
+                          cwd=app.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    assert seen.stdout.strip().splitlines()[-1] == "False"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -485,9 +503,12 @@ def test_a_port_setting_that_is_no_number_is_refused_naming_it(monkeypatch, caps
 
 
 @pytest.mark.parametrize("value", ["5s", "0", "nan"])
-def test_a_hub_timeout_that_is_no_duration_is_one_line_naming_it(monkeypatch, caplog, value):
+def test_a_hub_timeout_that_is_no_duration_is_one_line_naming_it(monkeypatch, tmp_path, caplog, value):
     monkeypatch.setenv("HUB_CONNECT_TIMEOUT", value)
-    with caplog.at_level(logging.ERROR, logger="app"):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with socket.socket() as dead, caplog.at_level(logging.ERROR, logger="app"):  # should a request go out, it fails
+        dead.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{dead.getsockname()[1]}")
         assert app.main(["--model", "user/brain-mri-unet"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and f"HUB_CONNECT_TIMEOUT={value!r} is not a number of seconds above 0" in errors[0]
@@ -562,7 +583,7 @@ def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path
         results = list(pool.map(lambda t: client.predict(handle_file(str(path)), t, api_name="/segment")[2],
                                 [0.2, 0.4, 0.6, 0.8]))
     areas = [r["tumor_pixels"] for r in results]
-    assert areas == sorted(areas, reverse=True)
+    assert areas == sorted(areas, reverse=True) and areas[0] > areas[-1]  # each answer used its own threshold
 
     # Eight users sending the identical slice at once all get complete, identical outputs
     # (identical outputs once raced for one file in Gradio's cache).

@@ -66,11 +66,13 @@ def fresh_cache(monkeypatch, tmp_path, name: str) -> Path:
     return cache
 
 
-def dead_endpoint() -> str:
-    """A local port with nothing listening: connections are refused at once."""
+@pytest.fixture
+def dead_endpoint():
+    """A local port that refuses connections at once: bound and never listening, held for the whole test so
+    that no other process can start listening on it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def subprocess_env(server_url: str, token: str, home: Path) -> dict:
@@ -234,8 +236,8 @@ def test_an_endpoint_that_is_no_address_is_a_setting_to_fix(hub_env, model_copy,
 
 
 @pytest.mark.timeout(60)  # a hang guard: the bounded timeouts answer in seconds
-def test_dead_endpoint_push_fails_fast(hub_env, model_copy, monkeypatch, caplog):
-    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+def test_dead_endpoint_push_fails_fast(hub_env, model_copy, monkeypatch, caplog, dead_endpoint):
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint)
     assert push_model(model_copy, "alice/unet-offline") != 0
     assert "cannot reach" in caplog.text and "HF_ENDPOINT" in caplog.text
 
@@ -274,12 +276,12 @@ def test_repo_without_config_is_refused(hub_env, model_copy):
 
 
 @pytest.mark.timeout(60)  # a hang guard: the bounded timeouts answer in seconds
-def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch):
+def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch, dead_endpoint):
     assert push_model(model_copy, "alice/unet-cached") == 0
     online = hub.load_for_serving("alice/unet-cached")
     assert online.notice is None and online.description.startswith("alice/unet-cached @ main (")
 
-    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint)
     offline = hub.load_for_serving("alice/unet-cached")
     assert offline.model_dir == online.model_dir
     assert "offline" in offline.notice and "cached copy of alice/unet-cached" in offline.notice
@@ -290,7 +292,9 @@ def test_offline_uses_the_cached_copy(hub_env, model_copy, monkeypatch):
 
 
 def test_timeouts_outlive_the_clients_reset_after_a_connection_error(monkeypatch):
-    hub.use_short_timeouts()
+    for name in hub.TIMEOUT_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    hub.use_short_timeouts()  # installs the client factory the app and push install: no need to undo it
     huggingface_hub.close_session()  # what the client does after a ConnectError, before it retries
     session = huggingface_hub.get_session()
     hooks = session.event_hooks["request"]
@@ -327,9 +331,9 @@ def test_a_rate_limited_or_failing_hub_serves_the_cached_copy(hub_env, model_cop
 
 
 @pytest.mark.timeout(60)  # a hang guard: the bounded timeouts answer in seconds
-def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir, monkeypatch, tmp_path):
+def test_offline_without_cache_serves_the_shipped_model(hub_env, tiny_model_dir, monkeypatch, tmp_path, dead_endpoint):
     monkeypatch.setattr(hub, "SHIPPED_MODEL_DIR", tiny_model_dir)  # the real one may not be trained yet
-    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint())
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint)
     fresh_cache(monkeypatch, tmp_path, "empty_cache")
     serving = hub.load_for_serving("alice/never-pulled")
     assert serving.model_dir == tiny_model_dir and serving.description.startswith("shipped model")

@@ -39,9 +39,10 @@ def test_segment_uses_the_models_threshold(model):
     rng = np.random.default_rng(1)
     image = phantom_slice(rng, 256, tumor=True)[0]
     masks, probs = segment(model, [image])
-    assert np.array_equal(masks[0], postprocess(probs[0], model.threshold, model.min_component_area, model.image_size))
+    settings = (model.min_component_area, model.image_size, model.fill_holes)  # the model's own, as segment uses
+    assert np.array_equal(masks[0], postprocess(probs[0], model.threshold, *settings))
     low, _ = segment(model, [image], threshold=0.05)
-    assert np.array_equal(low[0], postprocess(probs[0], 0.05, model.min_component_area, model.image_size))
+    assert np.array_equal(low[0], postprocess(probs[0], 0.05, *settings))
     high, _ = segment(model, [image], threshold=0.95)
     assert low[0].sum() >= masks[0].sum() >= high[0].sum() and low[0].sum() > high[0].sum()
 

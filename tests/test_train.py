@@ -304,6 +304,36 @@ def test_tuning_keeps_the_largest_3d_component_only_where_validation_gains(monke
                       "largest_3d_component": not stray_is_tumor}
 
 
+@pytest.mark.parametrize("consider_tta", [False, True])
+def test_tuning_finds_the_one_threshold_and_area_that_score_best(monkeypatch, consider_tta):
+    # Slice 1: a tumor at 0.65 (its last column missed) inside a rim of 0.55 that is not tumor: only 0.6 keeps
+    # the one and drops the other. Slice 2: a 100-px tumor that a minimum area of 128 would delete. Slice 3,
+    # healthy: a 48-px blob at 0.9 that only a minimum area of 64 or more removes. So 0.6 and 64, and nothing
+    # else, score best. With TTA considered, the flipped passes find the whole tumor and nothing more.
+    size = 64
+    probs = [np.zeros((size, size), np.float32) for _ in range(3)]
+    targets = [np.zeros((size, size), bool) for _ in range(3)]
+    probs[0][6:34, 6:34] = 0.55
+    probs[0][10:30, 10:29] = 0.65
+    targets[0][10:30, 10:30] = True
+    probs[1][12:22, 12:22] = 0.65
+    targets[1][12:22, 12:22] = True
+    probs[2][45:51, 45:53] = 0.9
+    perfect = [t.astype(np.float32) for t in targets]
+    val_df = pd.DataFrame({"patient": ["P"] * 3, "slice": [1, 2, 3]})
+
+    def fake_predict_frame(model, df, precision="auto", progress=True):
+        return (perfect if model.tta_flips else probs), targets
+
+    monkeypatch.setattr(train, "predict_frame", fake_predict_frame)
+    model = train.UNet(width=4, depth=1, image_size=size)  # areas in pixels of these maps
+    chosen = train.tune_postprocessing(model, val_df, consider_tta=consider_tta)
+    expected = {"tta_flips": True, "threshold": 0.3, "min_component_area": 0} if consider_tta else \
+        {"tta_flips": False, "threshold": 0.6, "min_component_area": 64}
+    assert chosen == {**expected, "fill_holes": False, "largest_3d_component": False}
+    assert model.tta_flips is False  # tuning leaves the model as it found it; the caller applies the choice
+
+
 @pytest.mark.parametrize("hole_is_tumor", [False, True])
 def test_tuning_fills_holes_only_where_validation_gains(monkeypatch, hole_is_tumor):
     # A tumor on three slices whose centre the model is unsure of (probability 0.2, under every threshold
@@ -373,6 +403,9 @@ def test_real_run_resumes_after_kill_mid_epoch(real_data_dir, tmp_path):
     deadline = time.time() + 240
     while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.fail(f"the run ended before it could be killed: {process.stderr.read().decode()[-2000:]}")
+    assert checkpoint.exists(), "no checkpoint within 240 s"
     process.send_signal(signal.SIGKILL)
     process.wait()
     state = torch.load(checkpoint, weights_only=False)
@@ -599,3 +632,36 @@ def test_a_save_of_the_best_epoch_cut_short_leaves_the_previous_one_whole(tmp_pa
     train.save_best(second, best)  # the next epoch's save clears what the cut one left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert all(torch.equal(load_model(str(best)).state_dict()[k], v) for k, v in second.state_dict().items())
+
+
+def test_a_checkpoint_save_cut_short_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train.save_atomic({"epoch": 1}, path)
+
+    def killed_mid_write(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_ctrl_c_stops_a_run_with_the_command_that_resumes_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["train.py", "--synthetic", "--epochs", "200", "--steps-per-epoch", "5", "--batch-size", "2",
+            "--image-size", "64", "--width", "4", "--checkpoint-every", "1", "--no-tune", "--out-dir", str(out)]
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted: the same command with --resume goes on from OUT_DIR/last.pt" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] < 200
+

@@ -375,15 +375,15 @@ def read_volume(paths: list[str | Path]) -> tuple[list[str], list[Slice], dict[s
     pixels = {True: 0, False: 0}  # masks, slices: each stops at the limit, one image past it at most decoded
     for (name, data), mask in zip(files, is_mask):
         stem = Path(name).stem
-        decoded = load_mask(data, name) if mask else decode_image(data, name)
-        pixels[mask] += decoded.shape[0] * decoded.shape[1] if mask else decoded.image.shape[0] * decoded.image.shape[1]
+        if mask:
+            array = masks[stem[:-5]] = load_mask(data, name)
+        else:
+            slices[stem] = decode_image(data, name)
+            array = slices[stem].image
+        pixels[mask] += array.shape[0] * array.shape[1]
         if pixels[mask] > MAX_VOLUME_PIXELS:
             raise InputError(f"the {'masks' if mask else 'slices'} hold more than {MAX_VOLUME_PIXELS / 1e6:.0f} "
                              "megapixels in all")
-        if mask:
-            masks[stem[:-5]] = decoded
-        else:
-            slices[stem] = decoded
     if not slices:
         raise InputError("no image slices found among the uploaded files")
     names = sorted(slices, key=natural_key)

@@ -311,10 +311,17 @@ def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]
 def save_atomic(obj: dict, path: Path) -> None:
     """Write, flush to disk, then rename, so a kill or a power cut during the save never leaves a torn checkpoint."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as file:
-        torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        # torch's zip writer, cut short by Ctrl-C, fails again as it closes: report the interrupt, not its echo
+        if isinstance(error, RuntimeError) and isinstance(error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
     os.replace(tmp, path)
 
 

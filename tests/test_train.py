@@ -657,7 +657,9 @@ def test_ctrl_c_stops_a_run_with_the_command_that_resumes_it(tmp_path):
     out = tmp_path / "run"
     args = ["train.py", "--synthetic", "--epochs", "200", "--steps-per-epoch", "5", "--batch-size", "2",
             "--image-size", "64", "--width", "4", "--checkpoint-every", "1", "--no-tune", "--out-dir", str(out)]
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a shell that started pytest in the background passes SIGINT on as ignored: the run gets it as a terminal would
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "last.pt").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="probability of training on a slice whose three channels are all FLAIR (default: %(default)s)")
     data.add_argument("--gamma-p", type=float, default=0.0,
                       help="probability of a random intensity gamma (0.7 to 1.5) on a training slice (default: %(default)s)")
+    data.add_argument("--strong-augmentation", action="store_true",
+                      help="a wider affine (scale 0.8-1.25, rotation 30 degrees) and elastic bending of a fifth of the "
+                           "training slices")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers; 0 is fastest on a small CPU (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--width", type=int, default=16, help="channels of the first level (default: %(default)s)")
@@ -537,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                  depth=args.depth, upsampling=args.upsampling, image_size=args.image_size,
                  normalization=args.normalization, **stats)
     model.to(device).to(memory_format=torch.channels_last)
-    train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p), model.mean, model.std,
+    train_set = LGGDataset(frames["train"], train_transforms(args.image_size, args.flair_only_p, args.gamma_p,
+                                                            args.strong_augmentation), model.mean, model.std,
                            model.normalization, args.context_slices, args.context_dropout)
     if args.steps_per_epoch is None and len(train_set) < args.batch_size:  # an epoch of no steps
         log.error("error: --batch-size %d is more than the %d training slices (or give --steps-per-epoch)",

@@ -286,6 +286,27 @@ def test_gamma_augmentation_is_opt_in_and_survives_slice_normalisation():
     assert change(brightness_contrast) < 0.03 < 0.08 < change(gamma)
 
 
+def test_strong_augmentation_is_opt_in_and_the_mask_follows_its_bending():
+    def names(transform):
+        return [type(t).__name__ for t in transform.transforms]
+    assert "ElasticTransform" not in names(train_transforms(64, 0.2))
+    strong = train_transforms(128, strong=True)
+    assert names(strong) == ["Resize", "Lambda", "HorizontalFlip", "Affine", "ElasticTransform",
+                             "RandomBrightnessContrast"]
+    for t in strong.transforms:  # the geometry alone, every time
+        t.p = 1.0 if isinstance(t, (A.Affine, A.ElasticTransform)) else 0.0
+    image = np.zeros((128, 128, 3), np.uint8)
+    image[30:90, 40:80] = 200
+    mask = (image[..., 0] > 0).astype(np.uint8) * 255
+    for seed in range(5):
+        seed_augmentation(strong, seed)
+        out = strong(image=image, mask=mask)
+        assert set(np.unique(out["mask"])) <= {0, 255}
+        moved, bright = out["mask"] > 0, out["image"][..., 0] > 100
+        assert (moved & bright).sum() / (moved | bright).sum() > 0.95  # image bilinear, mask nearest: edges differ
+        assert (moved != (mask > 0)).sum() > 200  # and both did move
+
+
 def test_examples_are_tumor_and_healthy_slices_of_different_patients(synthetic_dir):
     frame = scan_dataset(synthetic_dir, check_images=False)
     chosen = example_slices(frame)
@@ -354,7 +375,8 @@ def test_dataset_stacks_the_patients_own_neighbours_in_slice_order(numbered_volu
         assert greens == values
 
 
-def test_stacked_slices_and_mask_get_the_same_augmentation(numbered_volumes):
+@pytest.mark.parametrize("strong", [False, True])
+def test_stacked_slices_and_mask_get_the_same_augmentation(numbered_volumes, strong):
     flip = A.Compose([A.HorizontalFlip(p=1.0)])
     dataset = LGGDataset(numbered_volumes, flip, (0.0,) * 3, (1.0,) * 3, context_slices=1)
     plain = LGGDataset(numbered_volumes, A.Compose([]), (0.0,) * 3, (1.0,) * 3, context_slices=1)
@@ -367,7 +389,7 @@ def test_stacked_slices_and_mask_get_the_same_augmentation(numbered_volumes):
     slices = [rng.integers(0, 255, (48, 40, 3), dtype=np.uint8) for _ in range(3)]
     blob = np.zeros((48, 40), np.uint8)
     blob[5:20, 3:15] = 1
-    transform = train_transforms(32, gamma_p=1.0)
+    transform = train_transforms(32, gamma_p=1.0, strong=strong)
     for t in transform.transforms:  # every step, so each is checked on 9 channels
         t.p = 0.0 if isinstance(t, A.Lambda) else 1.0
     for seed in range(3):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -56,3 +57,12 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(trained_run) -> Path:
     return trained_run / "model"
+
+
+@pytest.fixture
+def dead_endpoint():
+    """A local port that refuses connections at once: bound and never listening, held for the whole test so
+    that no other process can start listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"

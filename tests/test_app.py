@@ -503,12 +503,11 @@ def test_a_port_setting_that_is_no_number_is_refused_naming_it(monkeypatch, caps
 
 
 @pytest.mark.parametrize("value", ["5s", "0", "nan"])
-def test_a_hub_timeout_that_is_no_duration_is_one_line_naming_it(monkeypatch, tmp_path, caplog, value):
+def test_a_hub_timeout_that_is_no_duration_is_one_line_naming_it(monkeypatch, tmp_path, caplog, value, dead_endpoint):
     monkeypatch.setenv("HUB_CONNECT_TIMEOUT", value)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with socket.socket() as dead, caplog.at_level(logging.ERROR, logger="app"):  # should a request go out, it fails
-        dead.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{dead.getsockname()[1]}")
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint)  # should a request go out, it fails
+    with caplog.at_level(logging.ERROR, logger="app"):
         assert app.main(["--model", "user/brain-mri-unet"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and f"HUB_CONNECT_TIMEOUT={value!r} is not a number of seconds above 0" in errors[0]

@@ -267,12 +267,14 @@ def test_flair_only_augmentation_copies_flair_into_every_channel():
     assert not any((n[..., 0] == n[..., 1]).all() for n in never)
 
 
+def transform_names(transform: A.Compose) -> list[str]:
+    return [type(t).__name__ for t in transform.transforms]
+
+
 def test_gamma_augmentation_is_opt_in_and_survives_slice_normalisation():
-    def names(transform):
-        return [type(t).__name__ for t in transform.transforms]
-    assert "RandomGamma" not in names(train_transforms(64, 0.2))
+    assert "RandomGamma" not in transform_names(train_transforms(64, 0.2))
     with_gamma = train_transforms(64, 0.2, gamma_p=1.0)
-    assert names(with_gamma) == names(train_transforms(64, 0.2)) + ["RandomGamma"]
+    assert transform_names(with_gamma) == transform_names(train_transforms(64, 0.2)) + ["RandomGamma"]
     # standardising each slice undoes a brightness or contrast change that clips nothing, not a gamma
     brightness_contrast, gamma = with_gamma.transforms[-2:]
     brightness_contrast.p = 1.0
@@ -287,11 +289,9 @@ def test_gamma_augmentation_is_opt_in_and_survives_slice_normalisation():
 
 
 def test_strong_augmentation_is_opt_in_and_the_mask_follows_its_bending():
-    def names(transform):
-        return [type(t).__name__ for t in transform.transforms]
-    assert "ElasticTransform" not in names(train_transforms(64, 0.2))
+    assert "ElasticTransform" not in transform_names(train_transforms(64, 0.2))
     strong = train_transforms(128, strong=True)
-    assert names(strong) == ["Resize", "Lambda", "HorizontalFlip", "Affine", "ElasticTransform",
+    assert transform_names(strong) == ["Resize", "Lambda", "HorizontalFlip", "Affine", "ElasticTransform",
                              "RandomBrightnessContrast"]
     for t in strong.transforms:  # the geometry alone, every time
         t.p = 1.0 if isinstance(t, (A.Affine, A.ElasticTransform)) else 0.0

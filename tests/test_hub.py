@@ -66,15 +66,6 @@ def fresh_cache(monkeypatch, tmp_path, name: str) -> Path:
     return cache
 
 
-@pytest.fixture
-def dead_endpoint():
-    """A local port that refuses connections at once: bound and never listening, held for the whole test so
-    that no other process can start listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 def subprocess_env(server_url: str, token: str, home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "MODEL_"))}
     env.update(HF_ENDPOINT=server_url, HF_TOKEN=token, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",

@@ -285,15 +285,11 @@ def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: 
     intensity = [A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5)]
     if gamma_p > 0:  # only when asked, so runs without it draw the same random numbers as before it existed
         intensity.append(A.RandomGamma(gamma_limit=(70, 150), p=gamma_p))
+    scale, shift, degrees, p = ((0.8, 1.25), 0.1, 30, 0.8) if strong else ((0.9, 1.1), 0.0625, 15, 0.7)
+    geometric = [A.Affine(scale=scale, translate_percent=(-shift, shift), rotate=(-degrees, degrees),
+                          border_mode=cv2.BORDER_CONSTANT, p=p)]
     if strong:
-        geometric = [
-            A.Affine(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-30, 30),
-                     border_mode=cv2.BORDER_CONSTANT, p=0.8),
-            A.ElasticTransform(alpha=150, sigma=12, border_mode=cv2.BORDER_CONSTANT, p=0.2),
-        ]
-    else:
-        geometric = [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-15, 15),
-                              border_mode=cv2.BORDER_CONSTANT, p=0.7)]
+        geometric.append(A.ElasticTransform(alpha=150, sigma=12, border_mode=cv2.BORDER_CONSTANT, p=0.2))
     return A.Compose(
         [
             A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),  # as unet.inference resizes

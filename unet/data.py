@@ -1,20 +1,17 @@
-"""The LGG data: scan and validate a ``kaggle_3m`` folder, split by patient, read and augment.
+"""The LGG data: scan and validate ``kaggle_3m`` folders, split by patient, read and augment for training.
 
-Channel order, written down once: images are handled in the file's own order, which the
-dataset calls RGB and which is (pre-contrast, FLAIR, post-contrast). OpenCV decodes to BGR,
-so `read_image` flips it back; Pillow and browsers already give RGB. The model's config
-records ``channel_order="RGB"`` and every consumer (training, evaluation, app) goes through
-`read_image` or `unet.inference.to_rgb_uint8`.
+Slices are read by `unet.reader` (RGB = the file's order: pre-contrast, FLAIR, post-contrast) and turned into the
+network's input by the model's `unet.processing.Preprocessing`, the same road inference takes.
 """
+
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import random
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -24,6 +21,9 @@ import pandas as pd
 import torch
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
+
+from unet.processing import Preprocessing
+from unet.reader import ReadError, read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -42,62 +42,29 @@ def find_kaggle_3m(root: str | Path) -> Path:
     return root / "kaggle_3m" if (root / "kaggle_3m").is_dir() else root
 
 
-@contextlib.contextmanager
-def _opencv_silenced() -> Iterator[None]:
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(level)
+def scan_dataset(roots: str | Path | Sequence[str | Path], check_images: bool = True) -> pd.DataFrame:
+    """One row per slice of one or more ``kaggle_3m`` folders, read as one set: patient, slice, image_path,
+    mask_path, has_tumor, tumor_pixels.
 
-
-def imread_quietly(path: str | Path) -> np.ndarray | None:
-    """cv2.imread without OpenCV's own log lines for a damaged file: the caller raises one line naming it."""
-    with _opencv_silenced():
-        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-
-
-def imdecode_quietly(data: bytes) -> np.ndarray | None:
-    """`imread_quietly` for the bytes of a file (OpenCV's channel order: BGR)."""
-    with _opencv_silenced():
-        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-
-
-def binary_mask(mask: np.ndarray) -> np.ndarray:
-    """A mask image, 0/255 or 0 and any other one value (0/1, 0/100), gray or colour (alpha ignored) -> HxW bool.
-
-    Half of 255 separates a 0/255 mask saved lossily (JPEG) from its noise; a mask whose values all
-    lie under it is read as zero against the rest.
+    Reads every mask (for has_tumor) and, with ``check_images``, every image, so a missing mask, an unreadable
+    file or a size mismatch is found here, named, before training starts. A patient in two folders is an error
+    naming both.
     """
-    gray = mask[..., :3].max(axis=2) if mask.ndim == 3 else mask
-    return gray > (127 if gray.max() > 127 else 0)
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    if not roots:
+        raise DatasetError("no data folder given")
+    frames = [scan_folder(root, check_images) for root in roots]
+    found_in: dict[str, str] = {}
+    for root, frame in zip(roots, frames):
+        for patient in frame["patient"].unique():
+            if patient in found_in:
+                raise DatasetError(f"patient {patient} is in two data folders: {found_in[patient]} and {root}")
+            found_in[patient] = str(root)
+    return pd.concat(frames, ignore_index=True).sort_values(["patient", "slice"], ignore_index=True)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a slice as HxWx3 uint8 in file (RGB) order."""
-    image = imread_quietly(path)
-    if image is None:
-        raise DatasetError(f"cannot read image (missing or corrupt): {path}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise DatasetError(f"expected an 8-bit 3-channel image, got {image.dtype} {image.shape}: {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask as HxW uint8 with values 0 and 1."""
-    mask = imread_quietly(path)
-    if mask is None:
-        raise DatasetError(f"cannot read mask (missing or corrupt): {path}")
-    return binary_mask(mask).astype(np.uint8)
-
-
-def scan_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
-    """One row per slice: patient, slice, image_path, mask_path, has_tumor, tumor_pixels.
-
-    Reads every mask (for has_tumor) and, with ``check_images``, every image, so a missing
-    mask, an unreadable file or a size mismatch is found here, named, before training starts.
-    """
+def scan_folder(root: str | Path, check_images: bool = True) -> pd.DataFrame:
+    """`scan_dataset` of one folder."""
     folder = find_kaggle_3m(root)
     rows = []
     for patient_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -112,9 +79,9 @@ def scan_dataset(root: str | Path, check_images: bool = True) -> pd.DataFrame:
             mask_path = image_path.with_name(image_path.stem + "_mask.tif")
             if not mask_path.is_file():
                 raise DatasetError(f"missing mask for {image_path} (expected {mask_path.name})")
-            mask = read_mask(mask_path)
+            mask = read_mask(mask_path, str(mask_path))
             if check_images:
-                image = read_image(image_path)
+                image = read_image(image_path, str(image_path))
                 if image.shape[:2] != mask.shape:
                     raise DatasetError(
                         f"size mismatch: image {image.shape[1]}x{image.shape[0]} but mask "
@@ -206,51 +173,6 @@ def split_patients(
     return {name: sorted(part["patient"]) for name, part in (("train", train), ("val", val), ("test", test))}
 
 
-def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-              mode: str = "dataset") -> torch.Tensor:
-    """HxWxC uint8 -> CxHxW float32 scaled to [0, 1], then standardised per channel.
-
-    ``mode="dataset"`` uses the fixed ``mean``/``std`` of the training set; ``mode="slice"``
-    uses the slice's own statistics over its non-background pixels, which removes the
-    scanner-to-scanner intensity differences between institutions.
-    """
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype}")
-    # The float copy leaves read-only arrays (Pillow's, Gradio's) and the caller's own untouched.
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).div_(255.0)
-    if mode == "slice":
-        mean, std = slice_stats(image)
-    return x.sub_(torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)).div_(
-        torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
-
-
-def slice_stats(image: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (unbiased) std of a uint8 HxWxC slice over its non-background pixels, all of
-    them where fewer than 64 are non-zero, scaled to [0, 1]. Taken from 256-bin histograms: a third of the
-    cost of reducing the float pixels, which made this the data loader's and the app's slowest step."""
-    foreground = image[..., 0] > 0
-    for channel in range(1, image.shape[2]):  # numpy's reductions over a short last axis are 10x slower
-        foreground |= image[..., channel] > 0
-    if np.count_nonzero(foreground) < 64:
-        foreground = np.ones(foreground.shape, bool)
-    levels = np.arange(256) / 255.0
-    means, stds = [], []
-    for channel in range(image.shape[2]):
-        counts = np.bincount(image[..., channel][foreground], minlength=256)
-        n = counts.sum()
-        m = counts @ levels / n
-        means.append(float(m))
-        stds.append(max(float(np.sqrt(counts @ (levels - m) ** 2 / max(n - 1, 1))), 1e-3))
-    return means, stds
-
-
-def normalize_stack(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-                    mode: str = "dataset") -> torch.Tensor:
-    """`normalize` for slices stacked along channels (HxWx3S): each 3-channel slice on its own, as inference does."""
-    slices = [normalize(image[..., c:c + 3], mean, std, mode) for c in range(0, image.shape[2], 3)]
-    return slices[0] if len(slices) == 1 else torch.cat(slices)
-
-
 def volume_rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Each patient's row positions in a `scan_dataset` frame, in slice-number order: the order in which its
     volume is stacked for context slices and cut to its largest 3D component."""
@@ -259,44 +181,30 @@ def volume_rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
             for patient, rows in df.groupby("patient", sort=False).indices.items()}
 
 
-def context_indices(index: int, count: int, k: int) -> list[int]:
-    """Positions of slice ``index`` and its ``k`` neighbours on each side in a volume of ``count`` slices, in
-    slice order; past an end of the volume, the end slice stands in. Training and inference both stack these."""
-    return [min(max(index + offset, 0), count - 1) for offset in range(-k, k + 1)]
-
-
 def flair_only(image: np.ndarray, **_: object) -> np.ndarray:
-    """All three channels of each slice become its FLAIR, as the dataset stores a patient missing a sequence."""
-    return np.repeat(image[..., 1::3], 3, axis=2)
+    """All three channels become FLAIR, as the dataset stores a patient missing a sequence."""
+    return np.repeat(image[..., 1:2], 3, axis=2)
 
 
-def train_transforms(image_size: int = 256, flair_only_p: float = 0.0, gamma_p: float = 0.0,
-                     strong: bool = False) -> A.Compose:
+def train_transforms(image_size: int = 256, flair_only_p: float = 0.2) -> A.Compose:
     """Flips, a mild affine and intensity jitter; the mask follows every geometric change.
 
-    ``flair_only_p`` replaces the pre- and post-contrast channels by FLAIR that often: some
-    patients (and every grayscale upload) come that way, and a model that never saw it finds
-    nothing on them. ``gamma_p`` applies a random gamma (0.7 to 1.5) that often: per-slice
-    normalisation undoes a brightness or contrast change wherever it clips nothing, while a gamma
-    changes how far a faint tumor stands out from the brain around it. ``strong`` widens the affine
-    (scale 0.8-1.25, rotation 30 degrees, shift 10%) and bends a fifth of the slices with a smooth
-    elastic field (about 3 px RMS, on a 12 px scale), for a training set of a few dozen patients.
+    ``flair_only_p`` replaces the pre- and post-contrast channels by FLAIR that often: some patients (and every
+    grayscale upload) come that way, and a model that never saw it finds nothing on them.
     """
-    intensity = [A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5)]
-    if gamma_p > 0:  # only when asked, so runs without it draw the same random numbers as before it existed
-        intensity.append(A.RandomGamma(gamma_limit=(70, 150), p=gamma_p))
-    scale, shift, degrees, p = ((0.8, 1.25), 0.1, 30, 0.8) if strong else ((0.9, 1.1), 0.0625, 15, 0.7)
-    geometric = [A.Affine(scale=scale, translate_percent=(-shift, shift), rotate=(-degrees, degrees),
-                          border_mode=cv2.BORDER_CONSTANT, p=p)]
-    if strong:
-        geometric.append(A.ElasticTransform(alpha=150, sigma=12, border_mode=cv2.BORDER_CONSTANT, p=0.2))
     return A.Compose(
         [
-            A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),  # as unet.inference resizes
+            A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),  # as Preprocessing resizes
             A.Lambda(image=flair_only, p=flair_only_p),
             A.HorizontalFlip(p=0.5),
-            *geometric,
-            *intensity,
+            A.Affine(
+                scale=(0.9, 1.1),
+                translate_percent=(-0.0625, 0.0625),
+                rotate=(-15, 15),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=0.7,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
         ]
     )
 
@@ -312,42 +220,19 @@ def seed_augmentation(transform: A.Compose, seed: int | tuple[int, ...]) -> None
 
 
 class LGGDataset(Dataset):
-    """Slices of the rows of a `scan_dataset` frame as (image CxHxW float, mask 1xHxW float).
+    """Slices of the rows of a `scan_dataset` frame as (image 3xSxS float, mask 1xSxS float): augmented, then
+    preprocessed exactly as inference preprocesses.
 
-    With ``context_slices`` K, each slice comes with its K neighbours on each side in the same patient, in
-    slice-number order (a missing number is skipped; past an end, the end slice stands in), C = 3(2K+1), and
-    ``context_dropout`` is the probability that the neighbours are all the centre slice instead, as when
-    a single slice is uploaded.
-
-    The slices are decoded once and held in memory (60 patients take about 0.6 GB), since
-    decoding deflate TIFFs every epoch would cost more than the augmentation.
+    The slices are decoded once and held in memory (80 patients take about 0.8 GB), since decoding deflate TIFFs
+    every epoch would cost more than the augmentation.
     """
 
-    def __init__(
-        self,
-        df: pd.DataFrame,
-        transform: A.Compose,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        normalization: str = "dataset",
-        context_slices: int = 0,
-        context_dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, df: pd.DataFrame, transform: A.Compose, preprocessing: Preprocessing) -> None:
         self.df = df.reset_index(drop=True)
         self.transform = transform
-        self.mean, self.std, self.normalization = mean, std, normalization
-        self.context_dropout = context_dropout
-        self.images = [read_image(p) for p in self.df["image_path"]]
-        self.masks = [read_mask(p) for p in self.df["mask_path"]]
-        # The rows stacked for each row, centre in the middle.
-        self.neighbours = np.arange(len(self.df))[:, None]
-        if context_slices:
-            self.neighbours = np.repeat(self.neighbours, 2 * context_slices + 1, axis=1)
-            for patient, rows in volume_rows(self.df).items():
-                if len({self.images[r].shape for r in rows}) > 1:  # they are stacked along channels
-                    raise DatasetError(f"the slices of patient {patient} differ in size")
-                for position, row in enumerate(rows):
-                    self.neighbours[row] = rows[context_indices(position, len(rows), context_slices)]
+        self.preprocessing = preprocessing
+        self.images = [read_image(p, str(p)) for p in self.df["image_path"]]
+        self.masks = [read_mask(p, str(p)).astype(np.uint8) for p in self.df["mask_path"]]
 
     def __len__(self) -> int:
         return len(self.df)
@@ -358,17 +243,9 @@ class LGGDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None:
             seed_augmentation(self.transform, seed)
-        rows = self.neighbours[index]
-        if self.context_dropout and len(rows) > 1:
-            # A generator of its own, derived from the item's seed: the draw replays on resume, and albumentations'
-            # draws stay those of a run without context.
-            if np.random.default_rng(None if seed is None else (*seed, 1)).random() < self.context_dropout:
-                rows = np.full_like(rows, index)
-        # Stacked before the transform, so that every slice gets the same flip and affine as the mask.
-        image = self.images[index] if len(rows) == 1 else np.concatenate([self.images[r] for r in rows], axis=2)
-        out = self.transform(image=image, mask=self.masks[index])
+        out = self.transform(image=self.images[index], mask=self.masks[index])
         mask = torch.from_numpy((out["mask"] > 0).astype(np.float32))[None]
-        return normalize_stack(out["image"], self.mean, self.std, self.normalization), mask
+        return self.preprocessing(out["image"]), mask
 
 
 def example_slices(frame: pd.DataFrame, tumor: int = 3, healthy: int = 2) -> pd.DataFrame:
@@ -394,7 +271,7 @@ def channel_stats(df: pd.DataFrame) -> tuple[list[float], list[float]]:
     total_sq = np.zeros(3)
     count = 0
     for path in df["image_path"]:
-        x = read_image(path).reshape(-1, 3).astype(np.float64) / 255.0
+        x = read_image(path, str(path)).reshape(-1, 3).astype(np.float64) / 255.0
         total += x.sum(0)
         total_sq += (x**2).sum(0)
         count += len(x)
@@ -414,7 +291,7 @@ def main() -> int:
         per_patient = df.groupby("patient")["has_tumor"]
         log.info("%d patients, %d slices, %d with tumor", per_patient.ngroups, len(df), int(df["has_tumor"].sum()))
         splits = split_patients(df, seed=args.seed)
-    except DatasetError as error:
+    except (DatasetError, ReadError) as error:
         log.error("error: %s", error)
         return 2
     for name, patients in splits.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -31,16 +30,20 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from unet.model import UNet, load_model
-
 log = logging.getLogger(__name__)
-
-# The model trained by this project, in the Hub layout, used when no other model is named.
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "brain-mri-unet"
 
 # What a model repo may hold: weights (safetensors only: no pickle from the network), config,
 # card, metrics, curves and example slices (examples/<stem>.png with examples/<stem>_mask.png).
-MODEL_FILES = ["config.json", "model.safetensors", "README.md", "metrics.json", "curves.png", "examples/*"]
+MODEL_FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "postprocessor_config.json",
+    "model.safetensors",
+    "README.md",
+    "metrics.json",
+    "curves.png",
+    "examples/*",
+]
 
 # Seconds, unless set in the environment: to open a connection to the Hub, to wait for any one read or
 # write on it, and for the first question of a pull (which decides between the Hub and the cache).
@@ -193,49 +196,3 @@ def resolve_model_dir(source: str, revision: str | None = None) -> Path:
     if missing:
         raise FileNotFoundError(f"no {' or '.join(missing)} in model folder {path}")
     return path
-
-
-@dataclass
-class ServingModel:
-    """A loaded model and where it came from, for the app to show."""
-
-    model: UNet
-    model_dir: Path
-    description: str  # e.g. "user/brain-mri-unet @ main (a1b2c3d)" or "shipped model brain-mri-unet"
-    notice: str | None = None  # e.g. "offline: ...; using the cached copy of user/name"
-
-    @property
-    def examples_dir(self) -> Path | None:
-        folder = self.model_dir / "examples"
-        return folder if folder.is_dir() else None
-
-
-def load_for_serving(source: str | None = None, revision: str | None = None) -> ServingModel:
-    """The model the app serves: ``source`` (folder or repo id), else ``MODEL_ID``, else the shipped model.
-
-    ``revision`` defaults to ``MODEL_REVISION``. When the Hub cannot be reached and nothing is
-    cached, the shipped model is served and ``notice`` says so; a missing repo or a refused token
-    is an error, not a silent fallback.
-    """
-    source = source or os.environ.get("MODEL_ID") or None
-    revision = revision or os.environ.get("MODEL_REVISION") or None
-    if not source:
-        return _shipped()
-    if Path(source).expanduser().is_dir() or not is_repo_id(source):
-        model_dir = resolve_model_dir(source)
-        return ServingModel(load_model(str(model_dir)), model_dir, f"local model {model_dir}")
-    try:
-        model_dir, notice = pull_model(source, revision)
-    except HubUnavailable as error:
-        if not (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
-            raise
-        notice = f"{error}: serving the shipped model {SHIPPED_MODEL_DIR.name} instead"
-        log.warning(notice)
-        return _shipped(notice)
-    description = f"{source} @ {revision or 'main'} ({model_dir.name[:7]})"
-    return ServingModel(load_model(str(model_dir)), model_dir, description, notice)
-
-
-def _shipped(notice: str | None = None) -> ServingModel:
-    return ServingModel(load_model(str(SHIPPED_MODEL_DIR)), SHIPPED_MODEL_DIR,
-                        f"shipped model {SHIPPED_MODEL_DIR.name}", notice)

@@ -11,10 +11,14 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from unet.segmenter import Segmenter
 
 log = logging.getLogger("benchmarks")
 
@@ -124,7 +128,7 @@ def cpu_flags() -> list[str]:
 
 
 def machine() -> dict:
-    from unet.inference import cpu_supports_bf16
+    from unet.device import cpu_supports_bf16
 
     return {
         "cpu": cpu_model(),
@@ -145,21 +149,24 @@ def machine_line(m: dict) -> str:
             f"torch {m['torch']}, Python {m['python']}, {m['date']}")
 
 
-def load_benchmark_model(model_dir: str | Path | None) -> tuple[nn.Module, str, Path | None]:
-    """The model to time: a trained folder if there is one, else a fresh ``UNet()``.
+def load_benchmark_model(model_dir: str | Path | None) -> tuple[Segmenter, str, Path | None]:
+    """The segmenter to time: a trained folder if there is one, else a fresh ``UNet()`` with the default processing.
 
-    Returns (model in eval mode, a description, the folder or None). Speed does not depend on
-    the weights, so a fresh model of the default configuration times the same network.
+    Returns (segmenter, a description, the folder or None). Speed does not depend on the weights, so a fresh model
+    of the default configuration times the same network.
     """
-    from unet.model import UNet, load_model
+    from unet.model import UNet
+    from unet.segmenter import Segmenter
 
     path = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     if (path / "model.safetensors").is_file():
-        model = load_model(str(path))
-        return model, f"trained model {path.name} (width {model.width}, depth {model.depth}, {model.upsampling})", path
+        segmenter = Segmenter.from_pretrained(path)
+        net = segmenter.network
+        return segmenter, f"trained model {path.name} (width {net.width}, depth {net.depth}, {net.upsampling})", path
     log.warning("no trained model at %s: timing a freshly initialised UNet() of the default configuration", path)
-    model = UNet().eval()
-    return model, f"fresh UNet() (default config: width {model.width}, depth {model.depth}; no trained model at {path})", None
+    segmenter = Segmenter(UNet())
+    net = segmenter.network
+    return segmenter, f"fresh UNet() (width {net.width}, depth {net.depth}; no trained model at {path})", None
 
 
 def flops_per_image(model: nn.Module, size: int, channels: int = 3) -> int:
@@ -181,7 +188,7 @@ def sample_slice(size: int = 256, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[np
 
     folder = data_dir / "kaggle_3m" if (data_dir / "kaggle_3m").is_dir() else data_dir
     if folder.is_dir():
-        from unet.data import read_image, read_mask
+        from unet.reader import read_image, read_mask
 
         for mask_path in sorted(folder.glob("*/*_mask.tif")):
             if read_mask(mask_path).sum() > 500:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import DEFAULT_DATA_DIR, machine, parse, parser, table, write_json
 from unet.data import LGGDataset, find_kaggle_3m, scan_dataset, train_transforms
-from unet.model import LGG_MEAN, LGG_STD
+from unet.processing import Preprocessing
 from unet.synthetic import make_synthetic_dataset
 
 log = logging.getLogger("benchmarks.data")
@@ -70,7 +70,7 @@ def run_benchmark(data_dir: Path, quick: bool, patients: int | None, training_js
             source = f"synthetic phantoms ({settings['patients']} patients x 12 slices)"
         df = scan_dataset(folder, check_images=False)
         start = time.perf_counter()
-        dataset = LGGDataset(df, train_transforms(settings["size"]), LGG_MEAN, LGG_STD)
+        dataset = LGGDataset(df, train_transforms(settings["size"]), Preprocessing(image_size=settings["size"]))
         decode_s = time.perf_counter() - start
         log.info("%d slices decoded in %.1f s", len(dataset), decode_s)
         rows = []

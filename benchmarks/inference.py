@@ -5,7 +5,7 @@
 Per model and mode: latency of one slice (median, p95 after warm-up), throughput at batch 8
 and 32, speed-up over the classic U-Net in fp32 eager, FLOPs per slice and the share of the
 machine's measured matmul throughput (fp32 or bf16, timed in the same run) that this is.
-Also the end-to-end latency of `unet.inference.segment` on one uint8 RGB slice.
+Also the end-to-end latency of `Segmenter.segment_slice` on one uint8 RGB slice.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import nn
 from benchmarks.baselines import BudaUNet, classic_unet
 from benchmarks.common import (fmt, flops_per_image, load_benchmark_model, machine, measure, parse, parser,
                                sample_slice, table, write_json)
-from unet.inference import cpu_supports_bf16, prepare_for_inference, segment
+from unet.device import cpu_supports_bf16
 
 log = logging.getLogger("benchmarks.inference")
 
@@ -99,7 +99,8 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
     size, batches = settings["size"], settings["batches"]
     bf16 = cpu_supports_bf16()
     compile_ = (not quick) if compile_ is None else compile_
-    shipped, description, path = load_benchmark_model(model_dir)
+    segmenter, description, path = load_benchmark_model(model_dir)
+    shipped = segmenter.network
     notes = [] if path else ["no trained model: the speed is that of the architecture, and there is no Dice to report"]
 
     log.info("matmul throughput (n=%d)", settings["matmul_n"])
@@ -133,7 +134,7 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
                 row["skipped"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         if mode == "torch.compile" and "first_call_s" in row:  # one compilation per batch shape
             row["compile_s"] = round(sum(row["first_call_s"].values()), 1)
-        # The mode unet.inference.predict_proba (app, evaluate) runs in: channels_last, bf16 where supported.
+        # The mode Segmenter (app, evaluate) runs in: channels_last, bf16 where supported.
         row["serving"] = key == "shipped" and mode == ("bf16 autocast + channels_last" if bf16 else "fp32 channels_last")
         rows.append(row)
 
@@ -150,10 +151,11 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
 
     log.info("end-to-end segment()")
     image, image_source = sample_slice(256)
-    served = prepare_for_inference(copy.deepcopy(shipped))
-    e2e = measure(lambda: segment(served, [image]), **settings["end_to_end"])
+    served = segmenter.with_postprocessing()  # its own batch size and precision, the network shared
+    served.batch_size = 1
+    e2e = measure(lambda: served.segment_slice(image), **settings["end_to_end"])
     e2e.update(input=f"{image_source}, {image.shape[1]}x{image.shape[0]} uint8 RGB",
-               precision="bf16" if bf16 else "fp32", model_input_size=served.image_size)
+               precision="bf16" if bf16 else "fp32", model_input_size=served.preprocessing.image_size)
 
     metrics = None
     if path and (path / "metrics.json").is_file():
@@ -185,7 +187,7 @@ def markdown(result: dict) -> str:
     lines = [f"Inference, one {result['image_size']}x{result['image_size']} slice; speed-ups against the classic "
              "U-Net in fp32 eager, timed in the same run.", "", table(rows, columns, digits=1), "",
              f"- Matmul ceiling measured in the same run: fp32 {fmt(peak['fp32'], 0)} GFLOP/s, bf16 {fmt(peak['bf16'], 0)} GFLOP/s.",
-             f"- End to end (`unet.inference.segment`: preprocessing + {e2e['precision']} net + post-processing, {e2e['input']}): "
+             f"- End to end (`Segmenter.segment_slice`: preprocessing + {e2e['precision']} net + post-processing, {e2e['input']}): "
              f"median {e2e['median_ms']:.1f} ms, p95 {e2e['p95_ms']:.1f} ms.",
              f"- Model: {result['model']['description']}."]
     metrics = result["model"].get("test_metrics")

@@ -38,24 +38,23 @@ CLASSIC = {"width": 64, "depth": 3, "upsampling": "bilinear"}
 def synthetic_batches(batch: int, size: int, count: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches of phantom slices, standardised with fixed channel statistics (the cost is the same
     as per-slice standardisation's, which happens in the loader, outside the timed step)."""
-    from unet.data import normalize
-    from unet.model import LGG_MEAN, LGG_STD
+    from unet.processing import LGG_MEAN, LGG_STD, normalize
     from unet.synthetic import phantom_slice
 
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(count):
         pairs = [phantom_slice(rng, size, 1.0, tumor=bool(i % 2 == 0)) for i in range(batch)]
-        images = torch.stack([normalize(image, LGG_MEAN, LGG_STD) for image, _ in pairs])
+        images = torch.stack([normalize(image, LGG_MEAN, LGG_STD, "dataset") for image, _ in pairs])
         masks = torch.stack([torch.from_numpy((mask > 0).astype(np.float32))[None] for _, mask in pairs])
         batches.append((images, masks))
     return batches
 
 
 def our_step(model: nn.Module, batches: list, device: torch.device = torch.device("cpu")) -> Callable[[], float]:
-    """train.py's set-up, then its own ``train_step`` and the scheduler step, as in its epoch loop."""
-    from train import lr_factor, train_step
-    from unet.inference import cpu_supports_bf16
+    """The trainer's set-up (unet.training), then its own ``train_step`` and the scheduler step, as in its epoch loop."""
+    from unet.device import cpu_supports_bf16
+    from unet.training import lr_factor, train_step
     from unet.losses import BCEDiceLoss
 
     model.to(device).to(memory_format=torch.channels_last).train()
@@ -149,10 +148,11 @@ def run_configs(configs: list[dict]) -> list[dict]:
 
 
 def run_benchmark(model_dir: str | None, quick: bool, threads: int | None) -> dict:
-    from unet.inference import cpu_supports_bf16
+    from unet.device import cpu_supports_bf16
 
     settings = QUICK if quick else FULL
-    shipped, description, _ = load_benchmark_model(model_dir)
+    segmenter, description, _ = load_benchmark_model(model_dir)
+    shipped = segmenter.network
     models = {"shipped": ({"width": shipped.width, "depth": shipped.depth, "upsampling": shipped.upsampling},
                           f"shipped (w{shipped.width}, {shipped.depth} pools, {shipped.upsampling})"),
               "classic": (CLASSIC, "classic U-Net (w64, 3 pools, bilinear)")}

@@ -15,7 +15,10 @@ with the status codes and ``X-Error-Code`` headers the client turns into its typ
     POST /{ns}/{name}.git/info/lfs/objects/batch   then PUT /lfs-upload/{oid}, POST .../verify
     HEAD/GET /{ns}/{name}/resolve/{rev}/{path}      X-Repo-Commit, ETag, X-Linked-Etag/-Size
 
-Only model repos; a token writes to its user's own namespace. Tests start it on a free port:
+Only model repos; a token writes to its user's own namespace. ``echo_status`` (400, 403, 422, ...) turns it into a
+hostile endpoint that answers every request with that status and the request's Authorization header in its error
+message, as a misbehaving proxy might: what a client prints of a server's error must not show the token. Tests
+start it on a port the system picks (port 0, bound by the server itself: no race with another process):
 
     with HubServer(tokens={"hf_alice": "alice"}) as hub:
         os.environ["HF_ENDPOINT"] = hub.url   # before huggingface_hub is imported, or pass endpoint=
@@ -112,6 +115,7 @@ class HubState:
         self.lfs_expected: dict[str, int] = {}  # sha256 -> size, announced by a batch request
         self.lock = threading.RLock()
         self.requests: list[str] = []  # "METHOD path", for tests to inspect
+        self.echo_status: int | None = None  # answer everything with this status, echoing the Authorization header
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -201,6 +205,9 @@ class Handler(BaseHTTPRequestHandler):
         self.body = self.read_body()  # always, so a keep-alive connection stays in step after an error
         try:
             with self.state.lock:
+                if self.state.echo_status:
+                    auth = self.headers.get("Authorization", "(none)")
+                    raise HubError(self.state.echo_status, f"cannot handle request with Authorization: {auth}")
                 if parts[0] != "lfs-upload":  # an upload URL is a capability, as a signed S3 URL would be
                     self.user()  # like the Hub: an unknown token is a 401 on any route, even a public read
                 self.route(parts, query)
@@ -454,8 +461,9 @@ class _Server(ThreadingHTTPServer):
 class HubServer:
     """The Hub on 127.0.0.1, in a background thread: ``with HubServer() as hub: ... hub.url``."""
 
-    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0):
+    def __init__(self, tokens: dict[str, str] | None = None, port: int = 0, echo_status: int | None = None):
         self.state = HubState(tokens or {"hf_test_alice": "alice"})
+        self.state.echo_status = echo_status
         self.httpd = _Server(("127.0.0.1", port), Handler)
         self.httpd.state = self.state
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -483,11 +491,13 @@ class HubServer:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the test Hub by hand (HF_ENDPOINT=http://127.0.0.1:PORT).")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--echo-status", type=int, default=None,
+                        help="answer every request with this status, echoing its Authorization header back")
     parser.add_argument("--token", action="append", default=[], metavar="TOKEN:USER",
                         help="a token and its user (default: hf_test_alice:alice)")
     args = parser.parse_args()
     tokens = dict(t.split(":", 1) for t in args.token) or None
-    server = HubServer(tokens, args.port)
+    server = HubServer(tokens, args.port, args.echo_status)
     print(f"test Hub at {server.url} (tokens: {', '.join(server.state.tokens)}); Ctrl-C to stop")
     try:
         server.httpd.serve_forever()

@@ -1,5 +1,5 @@
-
 import logging
+import shutil
 
 import albumentations as A
 import cv2
@@ -9,9 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from unet.data import (DatasetError, LGGDataset, context_indices, example_slices, flair_only, normalize, read_image,
-                       read_mask, scan_dataset, seed_augmentation, split_patients, train_transforms)
-from unet.model import LGG_MEAN, LGG_STD
+from unet.data import (
+    DatasetError,
+    LGGDataset,
+    example_slices,
+    flair_only,
+    scan_dataset,
+    seed_augmentation,
+    split_patients,
+    train_transforms,
+)
+from unet.processing import LGG_MEAN, LGG_STD, Preprocessing, normalize
+from unet.reader import ReadError, read_image, read_mask
 from unet.synthetic import make_synthetic_dataset
 
 
@@ -60,7 +69,8 @@ def test_a_mask_without_its_image_and_a_slice_stored_twice_are_named(small_copy)
 def test_corrupt_image_is_named(small_copy):
     victim = sorted(small_copy.glob("*/*_1.tif"))[0]
     victim.write_bytes(b"II*\x00 this is not a tiff")
-    with pytest.raises(DatasetError, match=f"cannot read image.*{victim.name}"):
+    # the one reader's error: a ValueError, one line, naming the file
+    with pytest.raises(ReadError, match=f"{victim.name}: the image is corrupt or truncated"):
         scan_dataset(small_copy)
 
 
@@ -68,7 +78,8 @@ def test_truncated_tiff_is_one_line_and_opencv_stays_quiet(small_copy, capfd):
     victim = sorted(small_copy.glob("*/*_2.tif"))[0]
     victim.write_bytes(victim.read_bytes()[:200])  # the header survives, the image directory does not
     capfd.readouterr()
-    with pytest.raises(DatasetError, match=f"cannot read image.*{victim.name}"):
+    # the one reader's error: a ValueError, one line, naming the file
+    with pytest.raises(ReadError, match=f"{victim.name}: the image is corrupt or truncated"):
         scan_dataset(small_copy)
     out, err = capfd.readouterr()
     assert "TIFF" not in err + out and "ERROR" not in err + out  # OpenCV logs nothing of its own
@@ -100,7 +111,7 @@ def test_empty_and_absent_folders(tmp_path):
 
 def test_errors_are_one_line(small_copy):
     sorted(small_copy.glob("*/*_1.tif"))[0].write_bytes(b"")
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(ReadError) as info:
         scan_dataset(small_copy)
     assert "\n" not in str(info.value)
 
@@ -152,8 +163,11 @@ def test_split_stratifies_by_institution_and_says_when_it_cannot(caplog):
     lone = pd.concat([df, pd.DataFrame({"patient": ["TCGA_CC_0001_19990101"], "has_tumor": [True]})])
     split_patients(lone, 0.2, 0.2, seed=0)
     assert "test patients split off stratified by tumor presence only: the finer strata have too few" in caplog.text
-    with pytest.raises(DatasetError, match=r"^too few patients \(1\) to split off validation patients "
-                                           r"\(val_fraction 0.15\): use a folder with more patients$"):
+    with pytest.raises(
+        DatasetError,
+        match=r"^too few patients \(1\) to split off validation patients "
+        r"\(val_fraction 0.15\): use a folder with more patients$",
+    ):
         split_patients(df.head(2))
 
 
@@ -172,7 +186,16 @@ def test_augmentation_keeps_image_and_mask_aligned():
     mask = np.zeros((256, 256), np.uint8)
     for _ in range(3):  # asymmetric blobs, so a flip of one but not the other would show
         y, x = rng.integers(40, 200, 2)
-        cv2.ellipse(mask, (int(x), int(y)), (int(rng.integers(8, 30)), int(rng.integers(8, 20))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        cv2.ellipse(
+            mask,
+            (int(x), int(y)),
+            (int(rng.integers(8, 30)), int(rng.integers(8, 20))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            1,
+            -1,
+        )
     image[mask > 0] = 200
     transform = train_transforms(256)
     for seed in range(20):
@@ -186,7 +209,8 @@ def test_augmentation_keeps_image_and_mask_aligned():
 
 def test_dataset_items_are_normalised_tensors(synthetic_dir):
     df = scan_dataset(synthetic_dir).head(6)
-    dataset = LGGDataset(df, A.Compose([A.Resize(128, 128, interpolation=cv2.INTER_AREA)]), LGG_MEAN, LGG_STD)
+    preprocessing = Preprocessing(image_size=128, normalization="dataset")
+    dataset = LGGDataset(df, A.Compose([A.Resize(128, 128, interpolation=cv2.INTER_AREA)]), preprocessing)
     image, mask = dataset[3]
     assert image.shape == (3, 128, 128) and image.dtype == torch.float32
     assert mask.shape == (1, 128, 128) and set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -197,7 +221,7 @@ def test_dataset_items_are_normalised_tensors(synthetic_dir):
 
 def test_a_seeded_item_augments_the_same_whatever_came_before(synthetic_dir):
     df = scan_dataset(synthetic_dir).head(4)
-    dataset = LGGDataset(df, train_transforms(64, 0.2), LGG_MEAN, LGG_STD, "slice")
+    dataset = LGGDataset(df, train_transforms(64, 0.2), Preprocessing(image_size=64))
     first = dataset[(2, (7, 0, 5))]
     for row in (0, 1, 3):  # other items, seeded or not, draw from the pipeline in between
         dataset[row], dataset[(row, (7, 0, row))]
@@ -236,7 +260,7 @@ def test_slice_normalisation_ignores_background_and_scanner_gain():
     assert torch.allclose(inside.std((1, 2)), torch.ones(3), atol=1e-2)
     assert torch.allclose(a, b, atol=1e-4)
     # the dataset mode uses the fixed statistics instead
-    assert torch.allclose(normalize(image, (0.0,) * 3, (1.0,) * 3)[:, 0, 0], torch.zeros(3))
+    assert torch.allclose(normalize(image, (0.0,) * 3, (1.0,) * 3, "dataset")[:, 0, 0], torch.zeros(3))
 
 
 def test_slice_statistics_from_histograms_equal_those_of_the_float_pixels():
@@ -263,48 +287,12 @@ def test_flair_only_augmentation_copies_flair_into_every_channel():
     always = train_transforms(64, flair_only_p=1.0)(image=image, mask=mask)["image"]
     assert (always[..., 0] == always[..., 1]).all() and (always[..., 2] == always[..., 1]).all()
     assert np.array_equal(flair_only(image)[..., 0], image[..., 1])
-    never = [train_transforms(64)(image=image, mask=mask)["image"] for _ in range(5)]
+    never = [train_transforms(64, flair_only_p=0.0)(image=image, mask=mask)["image"] for _ in range(5)]
     assert not any((n[..., 0] == n[..., 1]).all() for n in never)
 
 
 def transform_names(transform: A.Compose) -> list[str]:
     return [type(t).__name__ for t in transform.transforms]
-
-
-def test_gamma_augmentation_is_opt_in_and_survives_slice_normalisation():
-    assert "RandomGamma" not in transform_names(train_transforms(64, 0.2))
-    with_gamma = train_transforms(64, 0.2, gamma_p=1.0)
-    assert transform_names(with_gamma) == transform_names(train_transforms(64, 0.2)) + ["RandomGamma"]
-    # standardising each slice undoes a brightness or contrast change that clips nothing, not a gamma
-    brightness_contrast, gamma = with_gamma.transforms[-2:]
-    brightness_contrast.p = 1.0
-    ramp = np.repeat(np.linspace(60, 180, 64).astype(np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
-    before = normalize(ramp, (0,) * 3, (1,) * 3, "slice")
-
-    def change(transform):
-        transform.set_random_seed(0)
-        return max(float((normalize(transform(image=ramp)["image"], (0,) * 3, (1,) * 3, "slice") - before).abs().max())
-                   for _ in range(20))
-    assert change(brightness_contrast) < 0.03 < 0.08 < change(gamma)
-
-
-def test_strong_augmentation_is_opt_in_and_the_mask_follows_its_bending():
-    assert "ElasticTransform" not in transform_names(train_transforms(64, 0.2))
-    strong = train_transforms(128, strong=True)
-    assert transform_names(strong) == ["Resize", "Lambda", "HorizontalFlip", "Affine", "ElasticTransform",
-                             "RandomBrightnessContrast"]
-    for t in strong.transforms:  # the geometry alone, every time
-        t.p = 1.0 if isinstance(t, (A.Affine, A.ElasticTransform)) else 0.0
-    image = np.zeros((128, 128, 3), np.uint8)
-    image[30:90, 40:80] = 200
-    mask = (image[..., 0] > 0).astype(np.uint8) * 255
-    for seed in range(5):
-        seed_augmentation(strong, seed)
-        out = strong(image=image, mask=mask)
-        assert set(np.unique(out["mask"])) <= {0, 255}
-        moved, bright = out["mask"] > 0, out["image"][..., 0] > 100
-        assert (moved & bright).sum() / (moved | bright).sum() > 0.95  # image bilinear, mask nearest: edges differ
-        assert (moved != (mask > 0)).sum() > 200  # and both did move
 
 
 def test_examples_are_tumor_and_healthy_slices_of_different_patients(synthetic_dir):
@@ -326,17 +314,6 @@ def test_channel_stats_are_the_mean_and_std_of_every_pixel(synthetic_dir):
     np.testing.assert_allclose(std, pixels.std(0), atol=1e-4)
 
 
-# --- context slices (2.5D input) ----------------------------------------------------------------
-
-def test_context_indices_are_the_neighbours_in_order_clamped_at_the_ends():
-    assert context_indices(0, 3, 1) == [0, 0, 1]
-    assert context_indices(1, 3, 1) == [0, 1, 2]
-    assert context_indices(2, 3, 1) == [1, 2, 2]
-    assert context_indices(1, 4, 2) == [0, 0, 1, 2, 3]
-    assert context_indices(0, 1, 2) == [0] * 5  # a lone slice is every one of its neighbours
-    assert context_indices(5, 9, 0) == [5]
-
-
 @pytest.fixture
 def numbered_volumes(tmp_path) -> pd.DataFrame:
     """Two patients whose slices are filled with (patient, slice number) values, slice 3 of A missing, rows shuffled."""
@@ -353,92 +330,34 @@ def numbered_volumes(tmp_path) -> pd.DataFrame:
     return scan_dataset(root).sample(frac=1, random_state=0)
 
 
-def centre_values(stacked: torch.Tensor) -> list[int]:
-    """The red (slice number x 10) value of each 3-channel slice of an item stacked with mean 0, std 1."""
-    return [round(float(stacked[c, 16, 16]) * 255) for c in range(0, stacked.shape[0], 3)]
+def test_items_are_the_seeded_augmentation_then_the_inference_preprocessing(numbered_volumes):
+    """A training item is exactly what the seeded transform makes of the files, preprocessed as inference does."""
+    preprocessing = Preprocessing(image_size=32)
+    dataset = LGGDataset(numbered_volumes, train_transforms(32, 0.5), preprocessing)
+    reference = train_transforms(32, 0.5)
+    for row in range(4):
+        image, mask = dataset[(row, (42, 1, row))]
+        seed_augmentation(reference, (42, 1, row))
+        paths = dataset.df.iloc[row]
+        out = reference(image=read_image(paths["image_path"]), mask=read_mask(paths["mask_path"]).astype(np.uint8))
+        assert torch.equal(image, preprocessing(out["image"]))
+        assert torch.equal(image, normalize(out["image"], LGG_MEAN, LGG_STD, "slice"))
+        assert torch.equal(mask, torch.from_numpy((out["mask"] > 0).astype(np.float32))[None])
 
 
-def test_dataset_stacks_the_patients_own_neighbours_in_slice_order(numbered_volumes):
-    dataset = LGGDataset(numbered_volumes, A.Compose([]), (0.0,) * 3, (1.0,) * 3, context_slices=1)
-    rows = dataset.df.reset_index(drop=True)
-    expected = {("TCGA_AA_0001_19990101", 1): [10, 10, 20], ("TCGA_AA_0001_19990101", 2): [10, 20, 40],
-                ("TCGA_AA_0001_19990101", 4): [20, 40, 50], ("TCGA_AA_0001_19990101", 5): [40, 50, 50],
-                ("TCGA_BB_0002_19990101", 1): [10, 10, 20], ("TCGA_BB_0002_19990101", 3): [20, 30, 30]}
-    for (patient, n), values in expected.items():
-        row = int(np.flatnonzero((rows["patient"] == patient) & (rows["slice"] == n))[0])
-        image, _ = dataset[row]
-        assert image.shape == (9, 32, 32)
-        assert centre_values(image) == values, (patient, n)
-        # green tells the patients apart: every neighbour is the patient's own
-        offset = 50 if patient.startswith("TCGA_BB") else 0
-        greens = [round(float(image[c, 16, 16]) * 255) - 100 - offset for c in range(1, 9, 3)]
-        assert greens == values
-
-
-@pytest.mark.parametrize("strong", [False, True])
-def test_stacked_slices_and_mask_get_the_same_augmentation(numbered_volumes, strong):
-    flip = A.Compose([A.HorizontalFlip(p=1.0)])
-    dataset = LGGDataset(numbered_volumes, flip, (0.0,) * 3, (1.0,) * 3, context_slices=1)
-    plain = LGGDataset(numbered_volumes, A.Compose([]), (0.0,) * 3, (1.0,) * 3, context_slices=1)
-    image, mask = dataset[0]
-    raw_image, raw_mask = plain[0]
-    assert torch.equal(mask, raw_mask.flip(-1)) and not torch.equal(mask, raw_mask)
-    assert torch.equal(image, raw_image.flip(-1))
-    # the full training pipeline, seeded: each 3-channel slice is transformed as it would be alone
-    rng = np.random.default_rng(0)
-    slices = [rng.integers(0, 255, (48, 40, 3), dtype=np.uint8) for _ in range(3)]
-    blob = np.zeros((48, 40), np.uint8)
-    blob[5:20, 3:15] = 1
-    transform = train_transforms(32, gamma_p=1.0, strong=strong)
-    for t in transform.transforms:  # every step, so each is checked on 9 channels
-        t.p = 0.0 if isinstance(t, A.Lambda) else 1.0
-    for seed in range(3):
-        seed_augmentation(transform, seed)
-        stacked = transform(image=np.concatenate(slices, axis=2), mask=blob)
-        for i, one in enumerate(slices):
-            seed_augmentation(transform, seed)
-            alone = transform(image=one, mask=blob)
-            assert np.array_equal(stacked["image"][..., 3 * i:3 * i + 3], alone["image"])
-            assert np.array_equal(stacked["mask"], alone["mask"])
-
-
-def test_context_dropout_feeds_the_centre_slice_as_every_neighbour_and_replays(numbered_volumes):
-    transform = train_transforms(32, 0.2)
-    always = LGGDataset(numbered_volumes, transform, (0.0,) * 3, (1.0,) * 3, context_slices=1, context_dropout=1.0)
-    image, _ = always[(0, (3, 0, 0))]
-    assert torch.equal(image[:3], image[3:6]) and torch.equal(image[6:], image[3:6])
-    half = LGGDataset(numbered_volumes, train_transforms(32, 0.2), (0.0,) * 3, (1.0,) * 3, "slice", context_slices=1,
-                      context_dropout=0.5)
-    row = int(np.flatnonzero((half.df["patient"] == "TCGA_AA_0001_19990101") & (half.df["slice"] == 2))[0])
-    first = [half[(row, (3, 0, i))] for i in range(12)]
-    again = [half[(row, (3, 0, i))] for i in range(12)]
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
-    dropped = [torch.equal(x[:3], x[3:6]) and torch.equal(x[6:], x[3:6]) for x, _ in first]
-    assert 0 < sum(dropped) < len(dropped)  # the same seed gives the same choice; the seeds differ
-
-
-def test_without_context_items_are_exactly_what_they_were(numbered_volumes):
-    """context_slices 0 draws the same augmentation and gives the same tensors as the one-slice dataset did."""
-    for context_dropout in (0.0, 0.5):
-        dataset = LGGDataset(numbered_volumes, train_transforms(32, 0.5, 0.5), LGG_MEAN, LGG_STD, "slice",
-                             context_dropout=context_dropout)
-        reference = train_transforms(32, 0.5, 0.5)
-        for row in range(4):
-            image, mask = dataset[(row, (42, 1, row))]
-            seed_augmentation(reference, (42, 1, row))
-            paths = dataset.df.iloc[row]
-            out = reference(image=read_image(paths["image_path"]), mask=read_mask(paths["mask_path"]))
-            assert torch.equal(image, normalize(out["image"], LGG_MEAN, LGG_STD, "slice"))
-            assert torch.equal(mask, torch.from_numpy((out["mask"] > 0).astype(np.float32))[None])
-
-
-def test_flair_only_works_slice_by_slice_on_stacked_slices():
-    rng = np.random.default_rng(0)
-    stacked = rng.integers(0, 255, (16, 16, 9), dtype=np.uint8)
-    out = flair_only(stacked)
-    assert out.shape == (16, 16, 9)
-    for s in range(3):
-        for c in range(3):
-            assert np.array_equal(out[..., 3 * s + c], stacked[..., 3 * s + 1])
-    single = stacked[..., :3]
-    assert np.array_equal(flair_only(single), np.repeat(single[..., 1:2], 3, axis=2))
+def test_two_folders_are_read_as_one_set_and_a_patient_in_both_is_named(tmp_path):
+    first = make_synthetic_dataset(tmp_path / "a", patients=2, slices=3, size=32, seed=0)
+    second = make_synthetic_dataset(tmp_path / "b", patients=4, slices=2, size=32, seed=1)
+    one, two, three, four = (
+        f"SYN_{site}_{n}_20000101" for site, n in (("AA", 1000), ("BB", 1001), ("CC", 1002), ("DD", 1003))
+    )
+    for patient in (one, two):  # the generator names patients by position: the second folder keeps the others
+        shutil.rmtree(second / patient)
+    df = scan_dataset([first, tmp_path / "b"])  # a kaggle_3m folder, and a folder that holds one
+    assert sorted(df["patient"].unique()) == [one, two, three, four] and len(df) == 2 * 3 + 2 * 2
+    assert df.equals(df.sort_values(["patient", "slice"], ignore_index=True))
+    assert df.loc[df["patient"] == three, "image_path"].str.startswith(str(second)).all()
+    shutil.copytree(first / one, second / one)
+    with pytest.raises(DatasetError) as info:
+        scan_dataset([first, tmp_path / "b"])
+    assert str(info.value) == f"patient {one} is in two data folders: {first} and {tmp_path / 'b'}"

@@ -7,10 +7,18 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from unet.evaluate import mask_counts
-from unet.inference import fill_mask_holes, keep_largest_volume_component, postprocess
+from unet.evaluation import frame_masks
 from unet.losses import BCEDiceLoss, dice_loss
 from unet.metrics import bootstrap_interval, pixel_counts, summarize
+from unet.model import UNet
+from unet.processing import Postprocessing, Preprocessing, fill_mask_holes, keep_largest_volume_component
+from unet.segmenter import Segmenter
+
+
+def postprocess(prob, threshold, min_component_area=0, area_size=None, fill_holes=False):
+    """The per-slice post-processing of these settings, as every mask is made."""
+    post = Postprocessing(threshold=threshold, min_component_area=min_component_area, fill_holes=fill_holes)
+    return post.slice_mask(prob, area_size)
 
 
 def test_dice_loss_by_hand():
@@ -21,16 +29,6 @@ def test_dice_loss_by_hand():
     # a confident perfect prediction has loss ~0; the exact opposite ~1
     assert dice_loss((target * 2 - 1) * 50, target).item() == pytest.approx(0, abs=1e-6)
     assert dice_loss((1 - target * 2) * 50, target).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
-
-
-def test_tversky_weight_makes_a_missed_pixel_cost_more_than_a_false_positive():
-    target = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]])
-    missed_one = torch.tensor([[[[50.0, -50.0, -50.0, -50.0]]]])  # overlap 1, one tumor pixel missed
-    one_extra = torch.tensor([[[[50.0, 50.0, 50.0, -50.0]]]])  # overlap 2, one false-positive pixel
-    assert dice_loss(missed_one, target, fn_weight=0.7).item() == pytest.approx(1 - 3 / (3 + 2 * 0.7), abs=1e-6)
-    assert dice_loss(one_extra, target, fn_weight=0.7).item() == pytest.approx(1 - 5 / (5 + 2 * 0.3), abs=1e-6)
-    assert dice_loss(missed_one, target, fn_weight=0.5).item() == pytest.approx(1 - 3 / 4, abs=1e-6)  # Dice
-    assert BCEDiceLoss(fn_weight=0.7)(missed_one, target) > BCEDiceLoss()(missed_one, target)
 
 
 def test_dice_loss_on_empty_target_rewards_empty_prediction():
@@ -101,7 +99,7 @@ def test_metrics_reject_mismatched_ids():
 
 def test_postprocess_threshold_and_small_components():
     prob = np.zeros((20, 20), np.float32)
-    prob[2:10, 2:10] = 0.9   # 64 px
+    prob[2:10, 2:10] = 0.9  # 64 px
     prob[15:17, 15:17] = 0.9  # 4 px speck
     prob[12, 2] = 0.55
     assert postprocess(prob, 0.5).sum() == 64 + 4 + 1
@@ -113,11 +111,11 @@ def test_postprocess_threshold_and_small_components():
 def test_postprocess_fills_holes_inside_kept_components_only():
     prob = np.zeros((24, 24), np.float32)
     prob[2:12, 2:12] = 0.9
-    prob[5:8, 5:8] = 0.2      # 9 unsure pixels inside the tumor
+    prob[5:8, 5:8] = 0.2  # 9 unsure pixels inside the tumor
     prob[15:20, 15:20] = 0.9
-    prob[17, 17] = 0.2        # a one-pixel hole in a 25-px ring the area filter removes
+    prob[17, 17] = 0.2  # a one-pixel hole in a 25-px ring the area filter removes
     prob[14:22, 2:10] = 0.9
-    prob[14:18, 5] = 0.2      # a notch open at the edge of the blob is not a hole
+    prob[14:18, 5] = 0.2  # a notch open at the edge of the blob is not a hole
     plain = postprocess(prob, 0.5, min_component_area=30)
     filled = postprocess(prob, 0.5, min_component_area=30, fill_holes=True)
     assert filled.sum() == plain.sum() + 9
@@ -135,8 +133,8 @@ def test_fill_mask_holes_matches_scipy():
 
 def test_largest_volume_component_joins_slices_and_drops_strays():
     volume = np.zeros((4, 12, 12), bool)
-    volume[0, 2:5, 2:5] = True   # 9 px
-    volume[1, 5:7, 5:7] = True   # 4 px, touching slice 0's blob only diagonally: one 13-voxel tumor
+    volume[0, 2:5, 2:5] = True  # 9 px
+    volume[1, 5:7, 5:7] = True  # 4 px, touching slice 0's blob only diagonally: one 13-voxel tumor
     volume[3, 8:11, 8:12] = True  # 12 px: the biggest blob of any single slice, but alone
     kept = keep_largest_volume_component(volume)
     assert kept[:2].sum() == 13 and not kept[2:].any()
@@ -144,7 +142,7 @@ def test_largest_volume_component_joins_slices_and_drops_strays():
     assert (keep_largest_volume_component(volume[3:]) == volume[3:]).all()
 
 
-def test_mask_counts_takes_volumes_in_slice_order_per_patient():
+def test_frame_masks_take_volumes_in_slice_order_per_patient():
     blob = np.zeros((12, 12), np.float32)
     blob[2:6, 2:6] = 1.0  # 16 px
     big = np.zeros((12, 12), np.float32)
@@ -153,6 +151,35 @@ def test_mask_counts_takes_volumes_in_slice_order_per_patient():
     # 32-voxel tumor and the 25-pixel blob goes; stacked in row order, that blob would win
     probs = [blob, big, blob, blob, big]
     volumes = pd.DataFrame({"patient": ["A", "A", "A", "B", "B"], "slice": [1, 4, 2, 1, 2]})
-    targets = [np.zeros((12, 12), bool)] * 5
-    assert list(mask_counts(probs, targets, 0.5, 0)[:, 1]) == [16, 25, 16, 16, 25]
-    assert list(mask_counts(probs, targets, 0.5, 0, volumes)[:, 1]) == [16, 0, 16, 0, 25]
+    targets = np.zeros((5, 12, 12), bool)
+
+    def predicted_pixels(post: Postprocessing) -> list[int]:
+        segmenter = Segmenter(UNet(width=4, depth=1), Preprocessing(image_size=12), post)
+        return list(pixel_counts(frame_masks(segmenter, probs, volumes), targets)[:, 1])
+
+    assert predicted_pixels(Postprocessing()) == [16, 25, 16, 16, 25]
+    assert predicted_pixels(Postprocessing(largest_3d_component=True)) == [16, 0, 16, 0, 25]
+
+
+def test_a_probability_equal_to_the_threshold_is_tumor():
+    # 0.375 and 0.5 are exact in float32: the values sit on the boundary, not next to it
+    for threshold in (0.375, 0.5):
+        prob = np.zeros((8, 8), np.float32)
+        prob[2:4, 2:4] = threshold
+        prob[5, 5] = np.nextafter(np.float32(threshold), np.float32(0))
+        mask = Postprocessing(threshold=threshold).slice_mask(prob)
+        assert mask[2:4, 2:4].all() and mask.sum() == 4
+
+
+def test_a_component_of_exactly_the_minimum_area_is_kept():
+    prob = np.zeros((32, 32), np.float32)
+    prob[2:6, 2:6] = 0.9  # 16 px
+    prob[10:13, 10:15] = 0.9  # 15 px
+    mask = Postprocessing(min_component_area=16).slice_mask(prob)
+    assert mask[2:6, 2:6].all() and not mask[10:13, 10:15].any()
+    # counted at the input size: on a map twice as wide, 16 px of a 32 px input are 64 px
+    wide = np.zeros((64, 64), np.float32)
+    wide[2:10, 2:10] = 0.9  # 64 px
+    wide[20:27, 20:29] = 0.9  # 63 px
+    mask = Postprocessing(min_component_area=16).slice_mask(wide, area_size=32)
+    assert mask[2:10, 2:10].all() and not mask[20:27, 20:29].any()

@@ -1,85 +1,108 @@
-"""The model shipped in models/brain-mri-unet: loadable as from the Hub, and its numbers reproduce."""
+"""The model shipped in models/brain-mri-unet: loadable as from the Hub, its numbers reproduce, and its masks are
+bitwise those of the code before the redesign."""
+
+import dataclasses
+import hashlib
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
-from unet.card import model_card_text
-from unet.data import scan_dataset
+from unet.card import folder_card_text
+from unet.data import scan_dataset, volume_rows
+from unet.device import autocast_dtype
 from unet.evaluate import main as evaluate_main
-from unet.evaluate import mask_counts, predict_frame, patient_rows
-from unet.hub import SHIPPED_MODEL_DIR
-from unet.inference import prepare_for_inference
-from unet.metrics import summarize
-from unet.model import load_model
+from unet.evaluation import frame_masks, patient_rows, predict_frame
+from unet.metrics import dice, pixel_counts, summarize
+from unet.reader import read_image
+from unet.segmenter import Segmenter
+from unet.serving import SHIPPED_MODEL_DIR
 
-pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "model.safetensors").is_file(),
-                                reason="no shipped model in models/brain-mri-unet")
+pytestmark = pytest.mark.skipif(
+    not (SHIPPED_MODEL_DIR / "model.safetensors").is_file(), reason="no shipped model in models/brain-mri-unet"
+)
+
+# sha256 (first 16 hex digits) of each patient's masks, recorded with the code before the redesign (commit 3510868)
+DIGESTS = Path(__file__).parent / "data" / "shipped_mask_digests.json"
+
+
+def recorded() -> dict:
+    return json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
 
 
 def test_shipped_folder_is_the_hub_layout_and_small():
-    for name in ("config.json", "model.safetensors", "README.md", "metrics.json"):
+    for name in ("config.json", "preprocessor_config.json", "postprocessor_config.json", "model.safetensors",
+                 "README.md", "metrics.json"):
         assert (SHIPPED_MODEL_DIR / name).is_file(), name
     assert (SHIPPED_MODEL_DIR / "model.safetensors").stat().st_size <= 32 * 1024 * 1024
     # no dataset slices are shipped with the model: examples of real scans live only on the Hub
     assert not (SHIPPED_MODEL_DIR / "examples").exists()
     card = ModelCard.load(SHIPPED_MODEL_DIR / "README.md")
     assert card.data.pipeline_tag == "image-segmentation"
-    metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
+    metrics = recorded()
     assert f"{metrics['test']['patient_dice_mean']:.4f}" in card.text
     # the card is what write_model_card makes of these files, so it names both test results
-    assert card.content.strip() == model_card_text(metrics, json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())).strip()
+    assert card.content.strip() == folder_card_text(SHIPPED_MODEL_DIR, metrics).strip()
     assert "test, slice by slice" in card.text and f"{metrics['test_per_slice']['patient_dice_mean']:.4f}" in card.text
     for patient in metrics["splits"]["test"]:
         assert patient in card.text
     assert metrics["command"].startswith("python train.py")
 
 
-def test_config_carries_the_tuned_post_processing():
-    model = load_model(str(SHIPPED_MODEL_DIR))
-    config = json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())
-    assert model.config == config
-    assert config["channel_order"] == "RGB" and config["image_size"] == 256
-    # the loaded model applies what the card and the README say validation chose
+def test_config_carries_the_architecture_and_the_processing_files_the_tuned_post_processing():
+    segmenter = Segmenter.from_pretrained(SHIPPED_MODEL_DIR)
+    assert json.loads((SHIPPED_MODEL_DIR / "config.json").read_text()) == segmenter.network.architecture
+    post = json.loads((SHIPPED_MODEL_DIR / "postprocessor_config.json").read_text())
+    assert post == dataclasses.asdict(segmenter.postprocessing)
+    pre = segmenter.preprocessing
+    assert pre.channel_order == "RGB" and pre.image_size == 256 and pre.normalization == "slice"
+    # the loaded segmenter applies what the card and the README say validation chose
+    p = segmenter.postprocessing
     card = (SHIPPED_MODEL_DIR / "README.md").read_text()
     readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
-    stated = (f"threshold {model.threshold}, minimum component area {model.min_component_area} px, hole filling "
-              f"{'on' if model.fill_holes else 'off'}, flip test-time augmentation off, largest 3D component per "
-              f"patient {'on' if model.largest_3d_component else 'off'}")
-    assert not model.tta_flips and stated in card
-    assert f"threshold {model.threshold}, tumor components under {model.min_component_area} px removed" in readme
+    stated = (f"threshold {p.threshold}, minimum component area {p.min_component_area} px, hole filling "
+              f"{'on' if p.fill_holes else 'off'}, flip test-time augmentation off, largest 3D component per "
+              f"patient {'on' if p.largest_3d_component else 'off'}")
+    assert not p.tta_flips and stated in card
+    assert f"threshold {p.threshold}, tumor components under {p.min_component_area} px removed" in readme
 
 
 @pytest.mark.real_data
 def test_evaluate_reproduces_the_shipped_test_metrics(real_data_dir, capsys):
-    metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
+    metrics = recorded()
     code = evaluate_main(["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR),
                           "--patients", *metrics["splits"]["test"], "--json"])
     assert code == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = metrics["test"]
     assert (measured["patients"], measured["slices"]) == (expected["patients"], expected["slices"])
-    for key in ("patient_dice_mean", "patient_dice_median", "tumor_slice_dice_mean", "slice_dice_mean", "healthy_fp_rate"):
+    for key in ("patient_dice_mean", "patient_dice_median", "tumor_slice_dice_mean", "slice_dice_mean",
+                "healthy_fp_rate"):
         assert measured[key] == pytest.approx(expected[key], abs=0.003), key
     assert measured["patient_dice_ci95"] == pytest.approx(expected["patient_dice_ci95"], abs=0.003)
+    assert measured["largest_3d_component"] is True  # the config's whole-volume step was applied
 
 
 @pytest.mark.real_data
 def test_whole_volume_step_only_removes_pixels_and_both_results_are_recorded(real_data_dir):
-    metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
+    metrics = recorded()
     df = patient_rows(scan_dataset(real_data_dir), metrics["splits"]["test"])
-    model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
-    assert model.largest_3d_component
-    probs, targets = predict_frame(model, df, progress=False)
-    per_slice = mask_counts(probs, targets, model.threshold, model.min_component_area, fill_holes=model.fill_holes)
-    per_volume = mask_counts(probs, targets, model.threshold, model.min_component_area, df, fill_holes=model.fill_holes)
+    segmenter = Segmenter.from_pretrained(SHIPPED_MODEL_DIR)
+    assert segmenter.postprocessing.largest_3d_component
+    probs, targets = predict_frame(segmenter, df, progress=False)
+    one_by_one = segmenter.with_postprocessing(largest_3d_component=False)
+    per_slice = pixel_counts(frame_masks(one_by_one, probs, df), np.stack(targets))
+    per_volume = pixel_counts(frame_masks(segmenter, probs, df), np.stack(targets))
     assert (per_volume <= per_slice).all() and per_volume[:, 1].sum() < per_slice[:, 1].sum()
     assert (per_volume[:, 2] == per_slice[:, 2]).all()
-    for counts, recorded in ((per_slice, metrics["test_per_slice"]), (per_volume, metrics["test"])):
+    for counts, recorded_split in ((per_slice, metrics["test_per_slice"]), (per_volume, metrics["test"])):
         measured = summarize(counts, list(df["patient"]))
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
-            assert measured[key] == pytest.approx(recorded[key], abs=0.003), key
+            assert measured[key] == pytest.approx(recorded_split[key], abs=0.003), key
 
 
 @pytest.mark.real_data
@@ -87,19 +110,19 @@ def test_hole_filling_follows_the_config_unless_told(real_data_dir, capsys):
     # TCGA_FG_5964: a validation patient whose predicted tumor has holes the reference does not
     args = ["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR), "--patients", "TCGA_FG_5964_20010511",
             "--json", "--fill-holes"]
-    dice = {}
+    scores = {}
     for choice in ("config", "on", "off"):
         assert evaluate_main([*args, choice]) == 0
-        dice[choice] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["patient_dice_mean"]
-    assert load_model(str(SHIPPED_MODEL_DIR)).fill_holes
-    assert dice["config"] == dice["on"] > dice["off"] + 0.003
+        scores[choice] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["patient_dice_mean"]
+    assert Segmenter.from_pretrained(SHIPPED_MODEL_DIR).postprocessing.fill_holes
+    assert scores["config"] == scores["on"] > scores["off"] + 0.003
 
 
 def test_readme_states_the_shipped_numbers():
     readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
-    metrics = json.loads((SHIPPED_MODEL_DIR / "metrics.json").read_text())
+    metrics = recorded()
     start = readme.index("## Results")
-    section = readme[start:readme.index("**Cross-validation", start)]
+    section = readme[start : readme.index("**Cross-validation", start)]
     for split in ("test", "test_per_slice", "val", "val_per_slice"):
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
             assert re.search(rf"\b{metrics[split][key]:.3f}\b", section), (split, key)
@@ -108,19 +131,49 @@ def test_readme_states_the_shipped_numbers():
 
 
 @pytest.mark.real_data
-def test_volume_tab_makes_the_masks_that_evaluate_scores(real_data_dir):
-    import app
-    from unet.evaluate import predict_counts
-    from unet.metrics import dice
-
+def test_a_volume_segmented_whole_gets_the_masks_that_evaluate_scores(real_data_dir):
     patient = "TCGA_DU_7294_19890104"  # a test patient with false-positive blobs outside its tumor
     df = patient_rows(scan_dataset(real_data_dir), [patient])
-    model = prepare_for_inference(load_model(str(SHIPPED_MODEL_DIR)))
-    names, slices, references = app.read_volume(list(df["image_path"]) + list(df["mask_path"]))
-    probs = [app.predict(model, s.image) for s in slices]
-    _, masks, summary = app.volume_results(model, names, [s.image for s in slices], probs, references, model.threshold)
-    counts = predict_counts(model, df, progress=False)  # the config's post-processing, 3D step included
-    assert summary["largest_3d_component"] == "on" and summary["pixels_outside_largest_3d_component"] > 0
-    # one image at a time (app) and batches of 16 (evaluate) may round differently in bf16
-    assert summary["tumor_pixels"] == pytest.approx(int(counts[:, 1].sum()), rel=0.01)
-    assert summary["dice"] == pytest.approx(float(dice(*counts.sum(axis=0))), abs=0.005)
+    segmenter = Segmenter.from_pretrained(SHIPPED_MODEL_DIR)
+    images = [read_image(path) for path in df["image_path"]]
+    masks, probs = segmenter.segment_volume(images)  # what the app's volume tab calls
+    per_slice = np.stack([segmenter.slice_mask(p) for p in probs])
+    assert masks.sum() < per_slice.sum() and not (masks & ~per_slice).any()  # the 3D step removed blobs, only
+    probs_evaluated, targets = predict_frame(segmenter, df, progress=False)
+    counts = pixel_counts(frame_masks(segmenter, probs_evaluated, df), np.stack(targets))
+    # the same road and the same batches: the same masks, pixel for pixel
+    assert int(masks.sum()) == int(counts[:, 1].sum())
+    assert float(dice(*pixel_counts(masks, np.stack(targets)).sum(axis=0))) == float(dice(*counts.sum(axis=0)))
+
+
+def digest(masks) -> str:
+    """As recorded: sha256 over each slice mask's packed bits, in slice order; the first 16 hex digits."""
+    hasher = hashlib.sha256()
+    for mask in masks:
+        hasher.update(np.packbits(np.asarray(mask, bool)).tobytes())
+    return hasher.hexdigest()[:16]
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_masks_are_bitwise_those_of_the_code_before_the_redesign(real_data_dir):
+    """Every slice of every patient, one slice at a time (batch 1) and as volumes (batch 16, with the 3D step),
+    at the precision "auto" gives this machine: the digests recorded before the redesign."""
+    dtype = autocast_dtype(torch.device("cpu"), "auto")
+    expected = json.loads(DIGESTS.read_text())[str(dtype)]
+    df = scan_dataset(real_data_dir, check_images=False)
+    batch16 = Segmenter.from_pretrained(SHIPPED_MODEL_DIR, batch_size=16)
+    batch1 = Segmenter(batch16.network, batch16.preprocessing, batch16.postprocessing, batch_size=1)
+    assert set(volume_rows(df)) == set(expected)
+    differing = []
+    for patient, rows in volume_rows(df).items():
+        images = [read_image(path) for path in df["image_path"].iloc[rows]]
+        probs = batch16.probabilities(images)
+        slice_masks = np.stack([batch16.slice_mask(p) for p in probs])
+        volume_masks = batch16.volume_masks(probs)
+        single = [batch1.slice_mask(p) for p in batch1.probabilities(images)]
+        measured = {"slice_batch16": digest(slice_masks), "volume_batch16": digest(volume_masks),
+                    "slice_batch1": digest(single), "tumor_pixels_volume": int(volume_masks.sum())}
+        if measured != expected[patient]:
+            differing.append((patient, measured, expected[patient]))
+    assert not differing, f"{len(differing)} patients differ, first {differing[0]}"

@@ -10,15 +10,17 @@ costs seconds, not minutes.
 The endpoint is ``HF_ENDPOINT`` as set when the call is made (``huggingface_hub`` itself reads it
 once, at import), so tests and tools can point a running process at another Hub.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_session, set_client_factory, snapshot_download
+from huggingface_hub import HfApi, constants, get_session, get_token, set_client_factory, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -57,6 +59,54 @@ class HubUnavailable(ConnectionError):
     """The Hub cannot be reached and there is no cached copy of the model."""
 
 
+# Hub tokens as the Hub issues them (hf_ and 34 letters and digits) or as tests and older tools name them (with
+# digits or underscores), and any "Bearer <credential>" an endpoint echoes back.
+TOKEN_PATTERNS = (
+    re.compile(r"\bBearer\s+[^\s\"',;]+", re.IGNORECASE),
+    re.compile(r"\bhf_(?=[\w-]*\d)[\w-]{8,}"),
+    re.compile(r"\bhf_[A-Za-z]{30,}"),
+)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with Hub tokens and this machine's paths taken out: for every message that carries a server's
+    words (an endpoint may echo the Authorization header) or a file's path (the cache or home folder of a
+    public Space says nothing a visitor needs, and tells an attacker where to look)."""
+    text = str(text)
+    for token in {os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), _saved_token()}:
+        if token and len(token) >= 8:  # a short value would cut words out of the message, not a secret
+            text = text.replace(token, REDACTED)
+    for pattern in TOKEN_PATTERNS:
+        text = pattern.sub(lambda m: "Bearer " + REDACTED if m.group(0)[:1] in "Bb" else REDACTED, text)
+    for folder, name in _private_folders():
+        text = re.sub(r"(?<![\w./-])" + re.escape(folder) + r"(?=[/\\\s'\"),:;]|$)", name, text)
+    return text
+
+
+def _saved_token() -> str | None:
+    try:
+        return get_token()
+    except Exception:  # noqa: BLE001 - an unreadable token file leaves nothing to redact
+        return None
+
+
+def _private_folders() -> list[tuple[str, str]]:
+    """(this machine's folder, what a message says instead), the longest first so the cache wins over home."""
+    repo = Path(__file__).resolve().parent.parent
+    folders = {
+        constants.HF_HUB_CACHE: "$HF_HUB_CACHE",
+        os.environ.get("HF_HUB_CACHE") or "": "$HF_HUB_CACHE",
+        os.environ.get("HF_HOME") or constants.HF_HOME: "$HF_HOME",
+        str(repo): "<repo>",
+        str(Path.home()): "~",
+    }
+    # "/" or a one-part folder would match the start of every path in the message
+    found = [(str(Path(f).expanduser()), name) for f, name in folders.items() if f and len(Path(f).parts) > 2]
+    found += [(str(Path(f).expanduser().resolve()), name) for f, name in found]
+    return sorted(set(found), key=lambda pair: -len(pair[0]))
+
+
 def hub_endpoint() -> str:
     """The Hub to talk to: ``HF_ENDPOINT`` now, else the client's default.
 
@@ -87,7 +137,9 @@ def _bound_timeouts(request: httpx2.Request) -> None:
     given = request.extensions.get("timeout") or {}
     read = hub_timeout("HUB_READ_TIMEOUT")
     defaults = {"connect": hub_timeout("HUB_CONNECT_TIMEOUT"), "read": read, "write": read, "pool": read}
-    request.extensions["timeout"] = {k: default if given.get(k) is None else given[k] for k, default in defaults.items()}
+    request.extensions["timeout"] = {
+        k: default if given.get(k) is None else given[k] for k, default in defaults.items()
+    }
 
 
 def use_short_timeouts() -> None:
@@ -125,43 +177,56 @@ def pull_model(repo_id: str, revision: str | None = None) -> tuple[Path, str | N
     use_short_timeouts()
     try:
         info = HfApi(endpoint=endpoint).model_info(
-            repo_id, revision=revision,
-            timeout=httpx2.Timeout(hub_timeout("HUB_PROBE_TIMEOUT"), connect=hub_timeout("HUB_CONNECT_TIMEOUT")))
+            repo_id,
+            revision=revision,
+            timeout=httpx2.Timeout(hub_timeout("HUB_PROBE_TIMEOUT"), connect=hub_timeout("HUB_CONNECT_TIMEOUT")),
+        )
     except OfflineModeIsEnabled:
         return _cached_copy(repo_id, revision, "HF_HUB_OFFLINE is set")
     except NETWORK_ERRORS as error:
         return _cached_copy(repo_id, revision, f"{endpoint} unreachable ({type(error).__name__})")
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"model repo {repo_id} not found at {endpoint} "
-                                "(a private repo needs a token: HF_TOKEN or `hf auth login`)") from None
+        raise FileNotFoundError(
+            f"model repo {repo_id} not found at {endpoint} (a private repo needs a token: HF_TOKEN or `hf auth login`)"
+        ) from None
     except RevisionNotFoundError:
         raise FileNotFoundError(f"revision {revision!r} not found in model repo {repo_id} at {endpoint}") from None
     except HfHubHTTPError as error:
         status = error.response.status_code
         if status == 401:
-            raise PermissionError(f"{endpoint} refused the token for {repo_id}: 401 invalid credentials "
-                                  "(check HF_TOKEN or `hf auth login`)") from None
+            raise PermissionError(
+                f"{endpoint} refused the token for {repo_id}: 401 invalid credentials "
+                "(check HF_TOKEN or `hf auth login`)"
+            ) from None
         if status >= 500 or status == 429:  # down or rate-limited: a cached copy is as good as it was
             return _cached_copy(repo_id, revision, f"{endpoint} answered {status}")
-        raise OSError(f"pull of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip()) from None
+        raise OSError(
+            redact(f"pull of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip())
+        ) from None
 
     files = {sibling.rfilename for sibling in info.siblings or []}
     if "config.json" not in files:
         raise FileNotFoundError(f"model repo {where} has no config.json")
     if "model.safetensors" not in files:
         pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-        raise FileNotFoundError(f"model repo {where} has no model.safetensors"
-                                + (f" (only {', '.join(pickled)}: pickled weights are refused)" if pickled else ""))
+        raise FileNotFoundError(
+            f"model repo {where} has no model.safetensors"
+            + (f" (only {', '.join(pickled)}: pickled weights are refused)" if pickled else "")
+        )
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES, endpoint=endpoint))
     except (*NETWORK_ERRORS, LocalEntryNotFoundError) as error:  # the connection dropped after the first answer
         return _cached_copy(repo_id, revision, f"{endpoint} unreachable during download ({type(error).__name__})")
     except GatedRepoError:
-        raise PermissionError(f"model repo {where} is gated: accept its terms on the Hub with an account whose token "
-                              "this machine uses (HF_TOKEN or `hf auth login`)") from None
+        raise PermissionError(
+            f"model repo {where} is gated: accept its terms on the Hub with an account whose token "
+            "this machine uses (HF_TOKEN or `hf auth login`)"
+        ) from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "no answer"
-        raise OSError(f"download of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip()) from None
+        raise OSError(
+            redact(f"download of {where} from {endpoint} failed: {status} {error.server_message or ''}".strip())
+        ) from None
     log.info("pulled %s (%s) into %s", where, folder.name[:7], folder)
     return folder, None
 

@@ -209,10 +209,18 @@ def _read_settings(path: Path, kind: type) -> Preprocessing | Postprocessing:
     unknown = sorted(settings.keys() - set(known))
     if unknown:  # a misspelt key would silently fall back to its default: another model than the one scored
         raise ValueError(f"{path}: unknown setting {unknown[0]!r}; {path.name} takes {', '.join(known)}")
+    _warn_missing(path, [name for name in known if name not in settings])
     try:
         return kind(**settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def _warn_missing(path: Path, missing: list[str]) -> None:
+    """A file written before a setting existed loads with its default, but says so: a misspelt or dropped key
+    would otherwise change the model silently."""
+    if missing:
+        log.warning("%s lacks %s: the defaults are used", path, ", ".join(missing))
 
 
 # The flat config.json of models saved before the processing files existed, with that code's constructor
@@ -237,6 +245,8 @@ def _from_legacy_config(path: Path, legacy: dict) -> tuple[Preprocessing, Postpr
         raise ValueError(f"{path}: a 2.5D model (context_slices {legacy['context_slices']}); 2.5D input was removed "
                          "in brain-mri-unet 0.3 (EXPERIMENTS.md names the commit that still reads it)")
     settings = LEGACY_DEFAULTS | legacy
+    # a one-slice model never wrote context_slices: its absence is no news
+    _warn_missing(path, [key for key in LEGACY_DEFAULTS if key not in legacy and key != "context_slices"])
     log.info("%s is a flat config of an earlier brain-mri-unet: its processing settings are read from it", path)
     try:
         pre = Preprocessing(**{f.name: settings[f.name] for f in dataclasses.fields(Preprocessing)})

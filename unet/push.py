@@ -3,20 +3,21 @@
     python -m unet.push --model runs/lgg/model --repo-id USER/brain-mri-unet --data-dir PATH/TO/kaggle_3m
     python -m unet.push --model runs/lgg/model --repo-id USER/brain-mri-unet --private --revision experiment-1
 
-The commit holds config.json, model.safetensors, the model card (README.md), metrics.json,
-curves.png and examples/: a few slices of the test patients (tumor and healthy, lossless PNG in
-the file's channel order) with their reference masks, for the app to show. The examples are read
-from ``--data-dir``, else from the data folder metrics.json names (a name, not a machine's path: found
-only from the folder that holds it), else left out with a warning; they are written to a staging
-copy, never into the model folder.
+The commit holds config.json (the architecture), preprocessor_config.json and postprocessor_config.json (the
+processing), model.safetensors, the model card (README.md), metrics.json, curves.png and examples/: a few slices
+of the test patients (tumor and healthy, lossless PNG in the file's channel order) with their reference masks, for
+the app to show. The examples are read from ``--data-dir``, else from the data folder metrics.json names (a name,
+not a machine's path: found only from the folder that holds it), else left out with a warning; they are written
+to a staging copy, never into the model folder.
 
-The token is HF_TOKEN or the one saved by ``hf auth login``; it is never printed. A failed push
-leaves the model folder as it was and logs one line with the reason and the command to retry.
+The token is HF_TOKEN or the one saved by ``hf auth login``; it is never printed (`unet.hub.redact` cleans every
+reason a server gives). A failed push leaves the model folder as it was and logs one line with the reason and the
+command to retry.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import shutil
@@ -30,16 +31,26 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from unet.card import model_card_text
-from unet.data import DatasetError, example_slices, read_image, read_mask, scan_dataset
-from unet.evaluate import recorded_metrics
-from unet.hub import NETWORK_ERRORS, hub_endpoint, use_short_timeouts
-from unet.model import load_model
+from unet.card import folder_card_text
+from unet.data import DatasetError, example_slices, scan_dataset
+from unet.evaluation import recorded_metrics
+from unet.hub import NETWORK_ERRORS, hub_endpoint, redact, use_short_timeouts
+from unet.processing import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
+from unet.reader import read_image, read_mask
+from unet.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
 # Published from the model folder when present (the examples are made separately).
-PUBLISHED_FILES = ["config.json", "model.safetensors", "README.md", "metrics.json", "curves.png"]
+PROCESSING_FILES = [PREPROCESSOR_FILE, POSTPROCESSOR_FILE]
+PUBLISHED_FILES = [
+    "config.json",
+    *PROCESSING_FILES,
+    "model.safetensors",
+    "README.md",
+    "metrics.json",
+    "curves.png",
+]
 
 
 def write_examples(frame: pd.DataFrame, folder: Path) -> list[str]:
@@ -49,7 +60,8 @@ def write_examples(frame: pd.DataFrame, folder: Path) -> list[str]:
     for row in frame.itertuples():
         stem = f"{row.patient}_{row.slice}_{'tumor' if row.has_tumor else 'healthy'}"
         Image.fromarray(read_image(row.image_path)).save(folder / f"{stem}.png")  # RGB = file order
-        Image.fromarray((read_mask(row.mask_path) * 255).astype(np.uint8)).save(folder / f"{stem}_mask.png")
+        mask = read_mask(row.mask_path).astype(np.uint8) * 255
+        Image.fromarray(mask).save(folder / f"{stem}_mask.png")
         stems.append(stem)
     return stems
 
@@ -65,9 +77,8 @@ def stage(model_dir: Path, staging: Path, repo_id: str, examples: pd.DataFrame |
     # A card as train.py wrote it gets the repo id in its usage lines; an edited card is kept as it is.
     readme = model_dir / "README.md"
     metrics = recorded_metrics(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    if not readme.is_file() or readme.read_text() == model_card_text(metrics, config):
-        (staging / "README.md").write_text(model_card_text(metrics, config, repo_id))
+    if not readme.is_file() or readme.read_text() == folder_card_text(model_dir, metrics):
+        (staging / "README.md").write_text(folder_card_text(model_dir, metrics, repo_id))
     if examples is not None and len(examples):
         write_examples(example_slices(examples), staging / "examples")
     elif (model_dir / "examples").is_dir():
@@ -98,8 +109,13 @@ def explain(error: BaseException, repo_id: str, endpoint: str) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
-def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
-               examples_from: pd.DataFrame | None = None) -> int:
+def push_model(
+    model_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    examples_from: pd.DataFrame | None = None,
+) -> int:
     """Create ``repo_id`` if needed and publish ``model_dir`` to it in one commit; 0 on success.
 
     ``examples_from`` is a `unet.data.scan_dataset` frame of test slices to pick the examples from.
@@ -108,12 +124,16 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
     try:  # what the Hub would serve must load: a broken folder is refused before anything is uploaded
         if not model_dir.is_dir():
             raise FileNotFoundError(f"no model folder at {model_dir}")
-        load_model(str(model_dir))
+        Segmenter.from_pretrained(model_dir)  # network, weights and both processing files
         endpoint = hub_endpoint()
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         log.error("error: %s; nothing pushed", error)
         return 2
-    data_dir = Path(examples_from["image_path"].iloc[0]).parent.parent if examples_from is not None and len(examples_from) else None
+    data_dir = (
+        Path(examples_from["image_path"].iloc[0]).parent.parent
+        if examples_from is not None and len(examples_from)
+        else None
+    )
     retry = retry_command(model_dir, repo_id, private, revision, data_dir)
     token = get_token()
     try:
@@ -128,22 +148,35 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, revis
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             dice = (recorded_metrics(model_dir).get("test") or {}).get("patient_dice_mean")
             commit = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, revision=revision,
-                # Stale files of an earlier push (e.g. other examples) go; files added on the Hub stay.
-                delete_patterns=["examples/*", "curves.png", "metrics.json"],
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                # Stale files of an earlier push (e.g. other examples) go; files added on the Hub stay. A processing
+                # file left from a newer push would override an old flat config.json's settings.
+                delete_patterns=["examples/*", "curves.png", "metrics.json", *PROCESSING_FILES],
                 commit_message="brain-mri-unet" + (f": test patient Dice {dice:.4f}" if dice is not None else ""),
             )
     except Exception as error:  # noqa: BLE001 - any failure is reported the same way, in one line
-        reason = explain(error, repo_id, endpoint)
-        if token:
-            reason = reason.replace(token, "***")
-        log.error("push to %s/%s failed: %s; model kept in %s; retry with: %s", endpoint, repo_id, reason, model_dir, retry)
+        reason = redact(explain(error, repo_id, endpoint))  # a server may echo the token back
+        log.error(
+            "push to %s/%s failed: %s; model kept in %s; retry with: %s", endpoint, repo_id, reason, model_dir, retry
+        )
         return 1
     examples = sum(1 for f in files if f.startswith("examples/") and not f.endswith("_mask.png"))
-    log.info("pushed %d files (%d example slices) to %s @ %s (commit %s)", len(files), examples, url,
-             revision or "main", commit.oid[:7])
-    log.info("use it with: python -m unet.evaluate --model %s%s --data-dir ...  or  MODEL_ID=%s python app.py",
-             repo_id, f" --revision {revision}" if revision else "", repo_id)
+    log.info(
+        "pushed %d files (%d example slices) to %s @ %s (commit %s)",
+        len(files),
+        examples,
+        url,
+        revision or "main",
+        commit.oid[:7],
+    )
+    log.info(
+        "use it with: python -m unet.evaluate --model %s%s --data-dir ...  or  MODEL_ID=%s python app.py",
+        repo_id,
+        f" --revision {revision}" if revision else "",
+        repo_id,
+    )
     return 0
 
 
@@ -152,7 +185,9 @@ def examples_frame(data_dir: str | Path, model_dir: Path, split: str) -> pd.Data
     metrics_path = model_dir / "metrics.json"
     splits = recorded_metrics(model_dir).get("splits")
     if not splits or split not in splits:
-        raise DatasetError(f"no {split} split recorded in {metrics_path}: cannot tell which patients to take examples from")
+        raise DatasetError(
+            f"no {split} split recorded in {metrics_path}: cannot tell which patients to take examples from"
+        )
     df = scan_dataset(data_dir, check_images=False)
     frame = df[df["patient"].isin(splits[split])]
     if frame.empty:
@@ -164,12 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder written by train.py (OUT_DIR/model)")
     parser.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME on the Hub")
-    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
-    parser.add_argument("--revision", default=None, help="branch to push to, created from main if needed (default: main)")
-    parser.add_argument("--data-dir", default=None,
-                        help="kaggle_3m folder to take the example slices from (default: the one in metrics.json, if any)")
-    parser.add_argument("--examples-split", choices=["train", "val", "test"], default="test",
-                        help="whose slices the examples are (default: %(default)s)")
+    parser.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)"
+    )
+    parser.add_argument(
+        "--revision", default=None, help="branch to push to, created from main if needed (default: main)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="kaggle_3m folder to take the example slices from (default: the one in metrics.json, if any)",
+    )
+    parser.add_argument(
+        "--examples-split",
+        choices=["train", "val", "test"],
+        default="test",
+        help="whose slices the examples are (default: %(default)s)",
+    )
     parser.add_argument("--no-examples", action="store_true", help="publish without example slices")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,0 +1,740 @@
+"""Training as a library: the recipe's settings, the loop, its checkpoint and resume, and the final model.
+
+    config = TrainConfig(data_dirs=["../shared/data/lgg_subset"], epochs=60)
+    model_dir = train(config, "runs/lgg")                      # runs/lgg/model: the Hub layout
+    model_dir = train(config, "runs/lgg", resume=True)         # go on from runs/lgg/last.pt
+
+A run folder holds ``last.pt`` (a `Checkpoint`: everything needed to resume, written every epoch and every
+``checkpoint_every`` steps), ``best/`` (the best validation epoch as a segmenter folder), ``history.csv``,
+``curves.png`` and, at the end, ``model/``: the kept epoch with the post-processing tuned on validation, its
+metrics.json, curves and model card. ``train.py`` is the command line of this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from unet.card import write_model_card
+from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
+from unet.device import autocast_for, machine_description, pick_device, precision_name
+from unet.evaluation import evaluate, with_and_without_volume_step
+from unet.losses import BCEDiceLoss
+from unet.metrics import json_safe
+from unet.model import UNet, count_parameters
+from unet.processing import Postprocessing, Preprocessing
+from unet.segmenter import Segmenter
+from unet.synthetic import make_synthetic_dataset
+from unet.tuning import tune_postprocessing
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg_subset"
+# What a resume may change: the run's length and the machine, including where the data lies on it. Everything
+# else (data, split, model, recipe) is fixed by the run's first start.
+RUN_CONTROL_FIELDS = ("epochs", "patience", "workers", "device", "data_dirs")
+# Settings only an experiment changes: train.py takes them from a --config file, not as flags.
+CONFIG_FILE_FIELDS = (
+    "weight_decay",
+    "warmup_epochs",
+    "tumor_fraction",
+    "flair_only_p",
+    "normalization",
+    "consider_tta",
+)
+RUN_FILES = ("last.pt", "best", "model", "history.csv")
+
+
+class TrainingError(ValueError):
+    """A setting, data folder or checkpoint that a run cannot use: the message is one line."""
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN or infinite: the run stops, ``last.pt`` keeps the last good state."""
+
+
+def option_name(name: str) -> str:
+    """How train.py names a setting: ``--image-size`` for a flag, the key itself for a config-file setting."""
+    if name in CONFIG_FILE_FIELDS:
+        return name
+    return "--data-dir" if name == "data_dirs" else "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe: one home for its defaults. Invalid values raise `TrainingError` naming the option."""
+
+    data_dirs: tuple[str, ...] = (str(DEFAULT_DATA_DIR),)  # kaggle_3m folders, read as one set
+    synthetic: bool = False  # generated phantoms, written to OUT_DIR/synthetic
+    patients: int | None = None  # the first N patients only (quick runs)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    folds: int = 0  # cross-validation: the test patients are fold `fold` of this many
+    fold: int = 0
+    image_size: int = 256
+    width: int = 16
+    depth: int = 4
+    upsampling: str = "transpose"
+    epochs: int = 60
+    steps_per_epoch: int | None = None  # default: one pass over the training slices
+    batch_size: int = 8
+    lr: float = 1e-3  # AdamW's peak
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
+    patience: int = 20  # epochs without a better validation patient Dice before stopping
+    tumor_fraction: float = 0.5  # share of the draws that are tumor slices
+    flair_only_p: float = 0.2
+    normalization: str = "slice"
+    precision: str = "auto"
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 42
+    checkpoint_every: int = 50  # steps
+    consider_tta: bool = False  # let tuning try flip test-time augmentation
+
+    def __post_init__(self) -> None:
+        dirs = [self.data_dirs] if isinstance(self.data_dirs, (str, Path)) else list(self.data_dirs)
+        object.__setattr__(self, "data_dirs", tuple(str(d) for d in dirs))
+        for holds, requirement in self._checks():
+            if not holds:
+                raise TrainingError(requirement)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """(holds, what the setting must be); written as what is valid, so that NaN fails every check."""
+        c, o = self, option_name
+        return [
+            (len(c.data_dirs) >= 1, "--data-dir needs at least one folder"),
+            (c.fold == 0 or c.folds, f"--fold {c.fold} needs --folds K (the number of folds)"),
+            (c.folds == 0 or c.folds >= 2, f"--folds must be at least 2, not {c.folds}"),
+            (c.folds == 0 or 0 <= c.fold < c.folds, f"--fold must be from 0 to {c.folds - 1}, not {c.fold}"),
+            (
+                0 < c.val_fraction < 1,
+                f"--val-fraction must lie between 0 and 1, not {c.val_fraction}: validation "
+                "chooses the epoch and the post-processing",
+            ),
+            (
+                0 <= c.test_fraction < 1 - c.val_fraction,
+                f"--test-fraction must be from 0 to below 1 - --val-fraction, not {c.test_fraction}",
+            ),
+            (
+                c.folds < 2 or c.val_fraction < 1 - 1 / c.folds,
+                f"--val-fraction must be below 1 - 1/--folds = {1 - 1 / max(c.folds, 2):.2f}, not {c.val_fraction}: "
+                "each fold's test patients come first",
+            ),
+            (
+                c.patients is None or c.patients >= 3,
+                f"--patients must be at least 3 (train, validation, test), not {c.patients}",
+            ),
+            (c.width >= 1, f"--width must be at least 1, not {c.width}"),
+            (c.depth >= 1, f"--depth must be at least 1, not {c.depth}"),
+            (
+                c.image_size > 0 and c.image_size % 2**c.depth == 0,
+                f"--image-size {c.image_size} must be a positive multiple of 2**depth = {2**c.depth}",
+            ),
+            (
+                c.upsampling in ("bilinear", "transpose"),
+                f"--upsampling must be bilinear or transpose, not {c.upsampling}",
+            ),
+            (c.epochs >= 1 and c.patience >= 1, "--epochs and --patience must be at least 1"),
+            (c.batch_size >= 1, f"--batch-size must be at least 1, not {c.batch_size}"),
+            (
+                c.steps_per_epoch is None or c.steps_per_epoch >= 1,
+                f"--steps-per-epoch must be at least 1, not {c.steps_per_epoch}",
+            ),
+            (c.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, not {c.checkpoint_every}"),
+            (c.workers >= 0, f"--workers cannot be negative, not {c.workers}"),
+            (0 < c.lr < math.inf, f"--lr must be a positive number, not {c.lr}"),
+            (c.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, not {c.precision}"),
+            (0 <= c.weight_decay < math.inf, f"{o('weight_decay')} must be a number from 0, not {c.weight_decay}"),
+            (0 <= c.warmup_epochs < math.inf, f"{o('warmup_epochs')} must be a number from 0, not {c.warmup_epochs}"),
+            (
+                0 <= c.tumor_fraction <= 1,
+                f"{o('tumor_fraction')} is a share of each batch, from 0 to 1, not {c.tumor_fraction}",
+            ),
+            (0 <= c.flair_only_p <= 1, f"{o('flair_only_p')} is a probability, from 0 to 1, not {c.flair_only_p}"),
+            (
+                c.normalization in ("slice", "dataset"),
+                f"{o('normalization')} must be slice or dataset, not {c.normalization}",
+            ),
+        ]
+
+    @classmethod
+    def from_dict(cls, settings: dict, source: str = "settings") -> TrainConfig:
+        """A config from a dict (a config file, a checkpoint's record); an unknown key is an error naming it."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise TrainingError(f"{source}: unknown setting {unknown[0]!r}; the settings are {', '.join(known)}")
+        try:
+            return cls(**settings)
+        except TypeError as error:  # e.g. a string where a number belongs
+            raise TrainingError(f"{source}: {error}") from None
+
+    def as_dict(self) -> dict:
+        """Plain values only, as a checkpoint stores them (`torch.load(weights_only=True)` reads them back)."""
+        return {**dataclasses.asdict(self), "data_dirs": list(self.data_dirs)}
+
+
+def resumed_config(saved: TrainConfig, given: TrainConfig, named: set[str] | frozenset[str]) -> TrainConfig:
+    """The config of a resumed run: the saved one, with the run-control settings the user ``named`` (set on the
+    command line or in a config file) taking their new values. Any other named setting that differs is ignored,
+    with a warning: the data, split, model and recipe of a run are fixed by its first start."""
+    changes = {}
+    for name in sorted(named):
+        new, old = getattr(given, name), getattr(saved, name)
+        if name in RUN_CONTROL_FIELDS:
+            changes[name] = new
+        elif new != old:
+            log.warning(
+                "--resume keeps the run's %s %s; the %s given is ignored", option_name(name), _shown(old), _shown(new)
+            )
+    return dataclasses.replace(saved, **changes)
+
+
+def _shown(value: object) -> str:
+    return " ".join(value) if isinstance(value, tuple) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+@dataclass
+class Checkpoint:
+    """``last.pt``: a run's state, plain tensors and values only, so loading it runs no code."""
+
+    config: dict
+    splits: dict[str, list[str]]
+    preprocessing: dict  # `Preprocessing` fields: the dataset statistics are measured once, at the run's start
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # steps of the next epoch already taken
+    loss_sum: float = 0.0  # over those steps
+    best_score: float = -1.0  # best validation patient Dice so far
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best one: the patience count
+    train_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    machines: list[dict] = field(default_factory=list)  # {"machine", "from_epoch"}
+    model: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        save_atomic({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        """Read ``path`` with the weights-only unpickler; TrainingError in one line naming it otherwise."""
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # a global or a call: refused before anything runs
+            raise TrainingError(
+                f"{path} is not a checkpoint of train.py: it holds objects other than tensors "
+                "and plain values, and is not loaded"
+            ) from None
+        except (RuntimeError, EOFError, ValueError, OSError) as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TrainingError(f"{path} is not a readable checkpoint ({detail})") from None
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if not isinstance(raw, dict) or name not in raw]
+        if missing:
+            raise TrainingError(f"{path} is not a checkpoint of train.py (it lacks {missing[0]!r})")
+        return cls(**{name: raw[name] for name in names})
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write, flush to disk, then rename, so a kill or a power cut during the save never leaves a torn checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        # torch's zip writer, cut short by Ctrl-C, fails again as it closes: report the interrupt, not its echo
+        if isinstance(error, RuntimeError) and isinstance(error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    os.replace(tmp, path)
+
+
+def save_best(segmenter: Segmenter, best_dir: Path) -> None:
+    """Write the kept epoch's segmenter beside ``best_dir``, then move each file in with one rename.
+
+    save_pretrained deletes and rewrites in place: a kill between its files would leave no weights, or a config
+    without them. A run writes the same configs every epoch, so the renames cannot mismatch.
+    """
+    staging = best_dir.with_name(best_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    segmenter.save_pretrained(staging)
+    best_dir.mkdir(exist_ok=True)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, best_dir / path.name)
+    shutil.rmtree(staging)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parts of the loop
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 1% of the peak."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's slice order, a pure function of (seed, epoch) so a resume replays it.
+
+    Tumor slices get ``tumor_fraction`` of the draws, healthy ones the rest; without this, two thirds of every
+    batch would be empty masks.
+    """
+    has_tumor = np.asarray(has_tumor, bool)
+    weights = np.where(
+        has_tumor, tumor_fraction / max(has_tumor.sum(), 1), (1 - tumor_fraction) / max((~has_tumor).sum(), 1)
+    )
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.multinomial(
+        torch.as_tensor(weights, dtype=torch.double), num_samples, replacement=True, generator=generator
+    ).tolist()
+
+
+def train_step(
+    model: UNet,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: str,
+) -> float:
+    """One optimisation step on a batch: channels_last input, autocast forward, fp32 loss."""
+    device = next(model.parameters()).device
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    masks = masks.to(device, non_blocking=True)
+    with autocast_for(device, precision):
+        logits = model(images)
+    loss = loss_fn(logits, masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(history["epoch"], history["train_loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", title="training loss")
+    for column in ("val_patient_dice", "val_tumor_slice_dice"):
+        ax_dice.plot(history["epoch"], history[column], marker="o", label=column)
+    ax_dice.plot(
+        history["epoch"], history["val_healthy_fp_rate"], marker=".", linestyle=":", label="val_healthy_fp_rate"
+    )
+    ax_dice.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    ax_dice.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dataset_name(data_dir: str | Path) -> str:
+    """The data folder by name, without the machine's path to it: ``lgg_subset/kaggle_3m`` or ``lgg_subset``."""
+    path = Path(os.path.abspath(data_dir))  # not resolve(): a link is named as the user named it
+    return f"{path.parent.name}/{path.name}" if path.name == "kaggle_3m" else path.name
+
+
+def training_command(config: TrainConfig) -> str:
+    """The command line that reproduces this run's weights: every setting that differs from its default.
+
+    Where the data lies on this machine changes nothing in the weights, and a path would publish the trainer's
+    directory layout on the Hub; settings of the config file are shown as the file's content.
+    """
+    default = TrainConfig()
+    words, in_file = ["python", "train.py"], {}
+    for name, value in dataclasses.asdict(config).items():
+        if name == "data_dirs" or value == getattr(default, name):
+            continue
+        if name in CONFIG_FILE_FIELDS:
+            in_file[name] = value
+            continue
+        words.append(option_name(name))
+        if not isinstance(value, bool):
+            words.append(shlex.quote(str(value)))
+    if in_file:
+        return " ".join([*words, "--config", "config.json"]) + f"  # config.json: {json.dumps(in_file)}"
+    return " ".join(words)
+
+
+def machines_text(machines: list[dict], last_epoch: int) -> str:
+    """One machine by name; a run resumed elsewhere as 'A (epochs 1-46), B (epochs 47-60)'."""
+    if machines[0]["from_epoch"] > 1:  # started by a train.py that did not record machines
+        machines = [{"machine": "an unrecorded machine", "from_epoch": 1}, *machines]
+    if len(machines) == 1:
+        return machines[0]["machine"]
+    ends = [m["from_epoch"] - 1 for m in machines[1:]] + [last_epoch]
+    return ", ".join(f"{m['machine']} (epochs {m['from_epoch']}-{end})" for m, end in zip(machines, ends))
+
+
+def load_frames(
+    config: TrainConfig, out_dir: Path, recorded: dict[str, list[str]] | None = None
+) -> tuple[dict[str, list[str]], dict[str, pd.DataFrame]]:
+    """The run's patient ids and slices by split: the recorded split on resume, else a new one from the seed.
+
+    Raises DatasetError naming the folder when the data is unreadable or lacks a patient of the split.
+    """
+    if config.synthetic:
+        data_dirs = [
+            make_synthetic_dataset(
+                out_dir / "synthetic",
+                patients=10,
+                slices=16,
+                size=config.image_size,
+                healthy_patients=2,
+                seed=config.seed,
+            )
+        ]
+    else:
+        data_dirs = list(config.data_dirs)
+    df = scan_dataset(data_dirs)
+    if config.patients:
+        df = df[df["patient"].isin(sorted(df["patient"].unique())[: config.patients])]
+    splits = recorded or split_patients(
+        df, config.val_fraction, config.test_fraction, config.seed, config.folds, config.fold
+    )
+    missing = sorted(set().union(*splits.values()) - set(df["patient"]))
+    if missing:
+        where = " + ".join(str(d) for d in data_dirs)
+        raise DatasetError(f"{where} lacks {len(missing)} patients of the run's split, e.g. {missing[0]}")
+    frames = {name: df[df["patient"].isin(ids)].reset_index(drop=True) for name, ids in splits.items()}
+    for name, frame in frames.items():
+        log.info(
+            "%-5s %3d patients %5d slices (%d with tumor)",
+            name,
+            len(splits[name]),
+            len(frame),
+            int(frame["has_tumor"].sum()),
+        )
+    return splits, frames
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One run in ``out_dir``: started fresh, or resumed from its ``last.pt``.
+
+    ``named`` are the settings the user set (on the command line or in a config file); on resume only the
+    run-control ones among them change the run (`resumed_config`).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path,
+        resume: bool = False,
+        named: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.checkpoint_path = self.out_dir / "last.pt"
+        state = self._read_checkpoint(resume)
+        self.config = (
+            resumed_config(TrainConfig.from_dict(state.config, str(self.checkpoint_path)), config, named)
+            if state
+            else config
+        )
+        try:
+            self.device = pick_device(self.config.device)
+        except ValueError as error:  # its message names --device
+            raise TrainingError(str(error)) from None
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"  # one input size: pick the fastest kernels once
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.splits, self.frames = load_frames(self.config, self.out_dir, state.splits if state else None)
+        self.preprocessing = self._recorded_preprocessing(state) if state else self._measure_preprocessing()
+        self.state = state or Checkpoint(self.config.as_dict(), self.splits, dataclasses.asdict(self.preprocessing))
+        self.state.config, self.state.preprocessing = self.config.as_dict(), dataclasses.asdict(self.preprocessing)
+        self._build()
+        self.saved_at = None
+        if state:
+            self._restore(state)
+            self.saved_at = (state.epoch, state.step_in_epoch)
+        machine = machine_description(self.device)
+        if not self.state.machines or self.state.machines[-1]["machine"] != machine:
+            self.state.machines.append({"machine": machine, "from_epoch": self.state.epoch + 1})
+
+    def _read_checkpoint(self, resume: bool) -> Checkpoint | None:
+        earlier = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if not resume:
+            if earlier:
+                raise TrainingError(
+                    f"{self.out_dir} already holds a run ({earlier[0]}): add --resume to go on with "
+                    "it, or choose another --out-dir"
+                )
+            return None
+        if not self.checkpoint_path.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        state = Checkpoint.load(self.checkpoint_path)
+        log.info("resuming %s at epoch %d, step %d", self.checkpoint_path, state.epoch + 1, state.step_in_epoch)
+        return state
+
+    def _recorded_preprocessing(self, state: Checkpoint) -> Preprocessing:
+        try:
+            preprocessing = Preprocessing(**state.preprocessing)
+        except (TypeError, ValueError) as error:
+            raise TrainingError(f"{self.checkpoint_path}: its preprocessing: {error}") from None
+        if preprocessing.normalization == "dataset":  # measured at the run's start, kept whatever the data is now
+            log.info(
+                "training-set channel statistics: mean %s, std %s", list(preprocessing.mean), list(preprocessing.std)
+            )
+        return preprocessing
+
+    def _measure_preprocessing(self) -> Preprocessing:
+        """The input's preprocessing; with dataset normalisation, the statistics of exactly the slices this run
+        learns from, measured once at its start."""
+        if self.config.normalization != "dataset":
+            return Preprocessing(image_size=self.config.image_size, normalization=self.config.normalization)
+        mean, std = channel_stats(self.frames["train"])
+        log.info("training-set channel statistics: mean %s, std %s", mean, std)
+        return Preprocessing(image_size=self.config.image_size, normalization="dataset", mean=mean, std=std)
+
+    def _build(self) -> None:
+        """Network, data, optimiser, schedule and loss scaling of the run, as at its first step."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.network = UNet(width=c.width, depth=c.depth, upsampling=c.upsampling)
+        self.network.to(self.device).to(memory_format=torch.channels_last)
+        self.train_set = LGGDataset(
+            self.frames["train"], train_transforms(c.image_size, c.flair_only_p), self.preprocessing
+        )
+        if c.steps_per_epoch is None and len(self.train_set) < c.batch_size:  # an epoch of no steps
+            raise TrainingError(
+                f"--batch-size {c.batch_size} is more than the {len(self.train_set)} training slices "
+                "(or give --steps-per-epoch)"
+            )
+        self.steps_per_epoch = c.steps_per_epoch or len(self.train_set) // c.batch_size
+        total_steps = self.steps_per_epoch * c.epochs
+        warmup_steps = int(c.warmup_epochs * self.steps_per_epoch)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
+        )
+        self.loss_fn = BCEDiceLoss()
+        self.precision_used = precision_name(self.device, c.precision)
+        # fp16 autocast (a GPU without bf16) needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision_used == "fp16")
+        log.info(
+            "model: width %d, depth %d, %s upsampling, %d px, %.2f M parameters; device %s, precision %s, "
+            "%d steps/epoch",
+            c.width,
+            c.depth,
+            c.upsampling,
+            c.image_size,
+            count_parameters(self.network) / 1e6,
+            self.device,
+            self.precision_used,
+            self.steps_per_epoch,
+        )
+
+    def _restore(self, state: Checkpoint) -> None:
+        try:
+            self.network.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            if state.scaler:  # empty when saved by a run without loss scaling (bf16, fp32)
+                self.scaler.load_state_dict(state.scaler)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TrainingError(f"{self.checkpoint_path} does not fit the run it records ({detail})") from None
+
+    def save_checkpoint(self) -> None:
+        self.state.model = self.network.state_dict()
+        self.state.optimizer = self.optimizer.state_dict()
+        self.state.scheduler = self.scheduler.state_dict()
+        self.state.scaler = self.scaler.state_dict()
+        self.state.save(self.checkpoint_path)
+        self.saved_at = (self.state.epoch, self.state.step_in_epoch)
+
+    def saved_text(self) -> str:
+        """Where the run stands in ``last.pt``, for a message."""
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        epochs, steps = self.saved_at
+        return f"{self.checkpoint_path} holds the run after epoch {epochs}" + (f" and {steps} steps" if steps else "")
+
+    def segmenter(self, postprocessing: Postprocessing | None = None) -> Segmenter:
+        """The live network with the run's preprocessing: what validation scores and ``best/`` keeps."""
+        return Segmenter(self.network, self.preprocessing, postprocessing, precision=self.config.precision)
+
+    def fit(self) -> None:
+        """Train until the last epoch or until patience runs out, checkpointing as it goes."""
+        c, s = self.config, self.state
+        while s.epoch < c.epochs and s.bad_epochs < c.patience:
+            self._train_epoch()
+            self._validate_epoch()
+            s.epoch, s.step_in_epoch, s.loss_sum = s.epoch + 1, 0, 0.0
+            self.save_checkpoint()
+        if s.bad_epochs >= c.patience:
+            log.info("early stop: no better validation Dice for %d epochs", c.patience)
+        log.info("best validation patient Dice %.4f at epoch %d", s.best_score, s.best_epoch)
+
+    def _train_epoch(self) -> None:
+        c, s = self.config, self.state
+        indices = epoch_indices(
+            self.frames["train"]["has_tumor"].to_numpy(),
+            c.tumor_fraction,
+            self.steps_per_epoch * c.batch_size,
+            c.seed,
+            s.epoch,
+        )
+        # Augmentation draws from albumentations' own generator, which no global seed reaches: each sample
+        # carries its seed (run seed, epoch, position), so neither the worker count nor a resume changes it.
+        samples = [(indices[i], (c.seed, s.epoch, i)) for i in range(s.step_in_epoch * c.batch_size, len(indices))]
+        loader = DataLoader(
+            self.train_set,
+            batch_size=c.batch_size,
+            sampler=samples,
+            drop_last=True,
+            num_workers=c.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.network.train()
+        started = time.time()
+        bar = tqdm(
+            loader,
+            desc=f"epoch {s.epoch + 1}/{c.epochs}",
+            unit="batch",
+            initial=s.step_in_epoch,
+            total=self.steps_per_epoch,
+            mininterval=10,
+            file=sys.stderr,
+        )
+        for images, masks in bar:
+            loss = train_step(self.network, images, masks, self.loss_fn, self.optimizer, self.scaler, c.precision)
+            if not math.isfinite(loss):  # the weights are spoilt now: nothing of this step is saved
+                bar.close()
+                raise NonFiniteLoss(
+                    f"loss {loss} at epoch {s.epoch + 1}, step {s.step_in_epoch + 1}: the run stops; "
+                    f"{self.saved_text()} (a lower --lr may help)"
+                )
+            self.scheduler.step()
+            s.loss_sum += loss
+            s.step_in_epoch += 1
+            bar.set_postfix(loss=f"{s.loss_sum / s.step_in_epoch:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if s.step_in_epoch % c.checkpoint_every == 0 and s.step_in_epoch < self.steps_per_epoch:
+                s.train_seconds += time.time() - started
+                started = time.time()
+                self.save_checkpoint()
+        bar.close()
+        s.train_seconds += time.time() - started
+
+    def _validate_epoch(self) -> None:
+        """Score the epoch on validation with the default post-processing; keep it in ``best/`` if it is the best."""
+        s = self.state
+        val = evaluate(self.segmenter(), self.frames["val"], progress=False)
+        row = {
+            "epoch": s.epoch + 1,
+            "train_loss": s.loss_sum / max(s.step_in_epoch, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "val_patient_dice": val["patient_dice_mean"],
+            "val_tumor_slice_dice": val["tumor_slice_dice_mean"],
+            "val_slice_dice": val["slice_dice_mean"],
+            "val_healthy_fp_rate": val["healthy_fp_rate"],
+            "train_seconds": round(s.train_seconds, 1),
+        }
+        s.history.append(row)
+        log.info(
+            "epoch %d: loss %.4f, val patient Dice %.4f, tumor-slice Dice %.4f, healthy FP %.3f",
+            row["epoch"],
+            row["train_loss"],
+            row["val_patient_dice"],
+            row["val_tumor_slice_dice"],
+            row["val_healthy_fp_rate"],
+        )
+        if val["patient_dice_mean"] > s.best_score:
+            s.best_score, s.best_epoch, s.bad_epochs = val["patient_dice_mean"], s.epoch + 1, 0
+            save_best(self.segmenter(), self.out_dir / "best")
+        else:
+            s.bad_epochs += 1
+        history = pd.DataFrame(s.history)
+        history.to_csv(self.out_dir / "history.csv", index=False)
+        plot_history(history, self.out_dir / "curves.png")
+
+    def write_final_model(self) -> Path:
+        """Load the kept epoch, choose its post-processing on validation, score it once on validation and test,
+        and write it in the Hub layout (weights, configs, metrics.json, curves, model card) to ``out_dir/model``."""
+        kept = Segmenter.from_pretrained(self.out_dir / "best", device=self.device, precision=self.config.precision)
+        kept = kept.with_postprocessing(tune_postprocessing(kept, self.frames["val"], self.config.consider_tta))
+        val, val_per_slice = with_and_without_volume_step(kept, self.frames["val"])
+        test, test_per_slice = with_and_without_volume_step(kept, self.frames["test"])
+        s, c = self.state, self.config
+        metrics = {
+            "test": test,
+            "test_per_slice": test_per_slice,
+            "val": val,
+            "val_per_slice": val_per_slice,
+            "best_epoch": s.best_epoch,
+            "trained_on": ["train"],
+            "epochs_trained": s.epoch,
+            "train_hours": round(s.train_seconds / 3600, 3),
+            "machine": machines_text(s.machines, s.epoch),
+            "precision": self.precision_used,
+            "parameters": count_parameters(kept.network),
+            "splits": s.splits,
+            "data": "synthetic phantoms" if c.synthetic else " + ".join(dataset_name(d) for d in c.data_dirs),
+            "command": training_command(c),
+        }
+        model_dir = self.out_dir / "model"
+        kept.save_pretrained(model_dir)
+        (model_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+        shutil.copy(self.out_dir / "curves.png", model_dir / "curves.png")
+        write_model_card(model_dir, metrics)
+        if test:
+            log.info(
+                "test: patient Dice %.4f (median %.4f, worst %.4f), tumor-slice Dice %.4f, healthy FP %.3f",
+                test["patient_dice_mean"],
+                test["patient_dice_median"],
+                test["patient_dice_min"],
+                test["tumor_slice_dice_mean"],
+                test["healthy_fp_rate"],
+            )
+        log.info("model written to %s", model_dir)
+        return model_dir
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path, resume: bool = False, named: set[str] | frozenset[str] = frozenset()
+) -> Path:
+    """Run (or resume) training in ``out_dir`` and write the final model; its folder is returned.
+
+    Raises TrainingError (a setting, checkpoint or run folder; `NonFiniteLoss` when the loss diverges),
+    `unet.data.DatasetError` or `unet.reader.ReadError` (the data), each with a one-line message.
+    """
+    trainer = Trainer(config, out_dir, resume, named)
+    trainer.fit()
+    return trainer.write_final_model()

@@ -25,6 +25,7 @@ start it on a port the system picks (port 0, bound by the server itself: no race
 
 and ``python tests/hub_server.py --port 8080 --token hf_alice:alice`` runs it by hand.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,38 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
 # As in the Hub's default .gitattributes: these go through LFS, as does any binary file.
-LFS_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.npy", "*.npz",
-                "*.zip", "*.gz", "*.tar", "*.msgpack", "*.pkl", "*.png", "*.jpg", "*.tif"]
+LFS_PATTERNS = [
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.onnx",
+    "*.npy",
+    "*.npz",
+    "*.zip",
+    "*.gz",
+    "*.tar",
+    "*.msgpack",
+    "*.pkl",
+    "*.png",
+    "*.jpg",
+    "*.tif",
+]
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
 
 
 def now() -> str:
     """The Hub's date format, e.g. 2024-05-01T12:00:00.000Z."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -120,7 +138,7 @@ class HubState:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -152,8 +170,14 @@ class Handler(BaseHTTPRequestHandler):
     def json_body(self) -> dict:
         return json.loads(self.body) if self.body else {}
 
-    def send(self, status: int, payload=None, headers: dict | None = None, raw: bytes | None = None,
-             content_type: str = "application/json") -> None:
+    def send(
+        self,
+        status: int,
+        payload=None,
+        headers: dict | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         data = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -259,8 +283,17 @@ class Handler(BaseHTTPRequestHandler):
         user = self.user()
         if user is None:
             raise HubError(401, "Invalid username or password.")
-        self.send(200, {"type": "user", "id": user, "name": user, "fullname": user, "orgs": [],
-                        "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+        self.send(
+            200,
+            {
+                "type": "user",
+                "id": user,
+                "name": user,
+                "fullname": user,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+            },
+        )
 
     def create_repo(self) -> None:
         payload = self.json_body()
@@ -306,14 +339,28 @@ class Handler(BaseHTTPRequestHandler):
         sha = self.revision(repo, revision)
         files = repo.commits[sha]
         card = card_metadata(files.get("README.md"))
-        self.send(200, {
-            "_id": repo_id, "id": repo_id, "modelId": repo_id, "author": repo.owner, "sha": sha,
-            "private": repo.private, "disabled": False, "gated": False, "createdAt": repo.created,
-            "lastModified": now(), "downloads": 0, "likes": 0,
-            "library_name": card.get("library_name"), "pipeline_tag": card.get("pipeline_tag"),
-            "tags": card.get("tags", []), "cardData": card or None,
-            "siblings": [{"rfilename": path} for path in sorted(files)],
-        })
+        self.send(
+            200,
+            {
+                "_id": repo_id,
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo.owner,
+                "sha": sha,
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "createdAt": repo.created,
+                "lastModified": now(),
+                "downloads": 0,
+                "likes": 0,
+                "library_name": card.get("library_name"),
+                "pipeline_tag": card.get("pipeline_tag"),
+                "tags": card.get("tags", []),
+                "cardData": card or None,
+                "siblings": [{"rfilename": path} for path in sorted(files)],
+            },
+        )
 
     # ---- files --------------------------------------------------------------------------
 
@@ -326,7 +373,7 @@ class Handler(BaseHTTPRequestHandler):
         for name in sorted(files):
             if not name.startswith(prefix):
                 continue
-            rest = name[len(prefix):].split("/")
+            rest = name[len(prefix) :].split("/")
             for depth in range(1, len(rest)):
                 if recursive or depth == 1:
                     folders.add(prefix + "/".join(rest[:depth]))
@@ -334,13 +381,18 @@ class Handler(BaseHTTPRequestHandler):
                 blob = files[name]
                 entry = {"type": "file", "oid": blob.oid, "size": len(blob.data), "path": name}
                 if blob.lfs:
-                    entry["lfs"] = {"oid": blob.sha256, "size": len(blob.data),
-                                    "pointerSize": len(lfs_pointer(blob.sha256, len(blob.data)))}
+                    entry["lfs"] = {
+                        "oid": blob.sha256,
+                        "size": len(blob.data),
+                        "pointerSize": len(lfs_pointer(blob.sha256, len(blob.data))),
+                    }
                 entries.append(entry)
         if prefix and not entries and not folders:
             raise HubError(404, f"{path} does not exist", "EntryNotFound")
-        dirs = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
-                for d in sorted(folders)]
+        dirs = [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in sorted(folders)
+        ]
         self.send(200, dirs + entries)
 
     def resolve(self, repo_id: str, revision: str, path: str) -> None:
@@ -363,12 +415,16 @@ class Handler(BaseHTTPRequestHandler):
         answer = []
         for item in payload.get("files", []):
             sample = base64.b64decode(item["sample"])
-            lfs = any(fnmatch.fnmatch(item["path"], p) for p in LFS_PATTERNS) or b"\0" in sample \
+            lfs = (
+                any(fnmatch.fnmatch(item["path"], p) for p in LFS_PATTERNS)
+                or b"\0" in sample
                 or item["size"] > 10_000_000
+            )
             existing = files.get(item["path"])
             oid = None if existing is None else (existing.sha256 if existing.lfs else existing.oid)
-            answer.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular",
-                           "shouldIgnore": False, "oid": oid})
+            answer.append(
+                {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         self.send(200, {"files": answer})
 
     def lfs_batch(self, repo_id: str) -> None:
@@ -438,8 +494,10 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise HubError(400, f"unknown commit operation {key}")
         sha = repo.commit(revision, files, header.get("summary", ""))
-        self.send(200, {"success": True, "commitOid": sha, "commitUrl": f"{self.base}/{repo_id}/commit/{sha}",
-                        "hookOutput": ""})
+        self.send(
+            200,
+            {"success": True, "commitOid": sha, "commitUrl": f"{self.base}/{repo_id}/commit/{sha}", "hookOutput": ""},
+        )
 
 
 def card_metadata(readme: Blob | None) -> dict:
@@ -473,7 +531,7 @@ class HubServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self.thread.start()
         return self
 
@@ -481,7 +539,7 @@ class HubServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -491,10 +549,19 @@ class HubServer:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the test Hub by hand (HF_ENDPOINT=http://127.0.0.1:PORT).")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--echo-status", type=int, default=None,
-                        help="answer every request with this status, echoing its Authorization header back")
-    parser.add_argument("--token", action="append", default=[], metavar="TOKEN:USER",
-                        help="a token and its user (default: hf_test_alice:alice)")
+    parser.add_argument(
+        "--echo-status",
+        type=int,
+        default=None,
+        help="answer every request with this status, echoing its Authorization header back",
+    )
+    parser.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="TOKEN:USER",
+        help="a token and its user (default: hf_test_alice:alice)",
+    )
     args = parser.parse_args()
     tokens = dict(t.split(":", 1) for t in args.token) or None
     server = HubServer(tokens, args.port, args.echo_status)

@@ -72,7 +72,10 @@ def test_save_load_round_trip_keeps_outputs_and_settings(tmp_path):
     segmenter.save_pretrained(tmp_path)
     # config.json is the architecture alone; the processing has files of its own
     assert json.loads((tmp_path / "config.json").read_text()) == {
-        "in_channels": 3, "width": 8, "depth": 3, "upsampling": "transpose"
+        "in_channels": 3,
+        "width": 8,
+        "depth": 3,
+        "upsampling": "transpose",
     }
     pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
     post = json.loads((tmp_path / "postprocessor_config.json").read_text())
@@ -109,8 +112,9 @@ def assert_same_network(a: UNet, b: UNet) -> None:
 
 def test_post_processing_changed_after_construction_is_saved(tmp_path):
     segmenter = Segmenter(UNet(width=8, depth=2))
-    tuned = segmenter.with_postprocessing(threshold=0.65, min_component_area=64, largest_3d_component=True,
-                                          fill_holes=True)
+    tuned = segmenter.with_postprocessing(
+        threshold=0.65, min_component_area=64, largest_3d_component=True, fill_holes=True
+    )
     assert segmenter.postprocessing == Postprocessing()  # a new segmenter; the first is untouched
     assert tuned.network is segmenter.network
     tuned.save_pretrained(tmp_path)
@@ -131,9 +135,16 @@ def test_a_flat_config_of_a_model_pushed_before_the_redesign_loads_with_its_proc
     network = UNet(width=8, depth=2).eval()
     network.save_pretrained(tmp_path)
     settings = {
-        "image_size": 64, "channel_order": "BGR", "mean": [0.2, 0.3, 0.4], "std": [0.5, 0.6, 0.7],
-        "normalization": "dataset", "threshold": 0.65, "min_component_area": 48, "fill_holes": True,
-        "tta_flips": True, "largest_3d_component": True,
+        "image_size": 64,
+        "channel_order": "BGR",
+        "mean": [0.2, 0.3, 0.4],
+        "std": [0.5, 0.6, 0.7],
+        "normalization": "dataset",
+        "threshold": 0.65,
+        "min_component_area": 48,
+        "fill_holes": True,
+        "tta_flips": True,
+        "largest_3d_component": True,
     }
     (tmp_path / "config.json").write_text(json.dumps(flat_config(network, **settings), indent=2, sort_keys=True))
     assert not (tmp_path / "preprocessor_config.json").exists()
@@ -141,11 +152,15 @@ def test_a_flat_config_of_a_model_pushed_before_the_redesign_loads_with_its_proc
         loaded = Segmenter.from_pretrained(tmp_path)
     assert "lacks" not in caplog.text  # every setting is there: nothing to warn about
     assert dataclasses.asdict(loaded.preprocessing) == {
-        "channel_order": "BGR", "image_size": 64, "normalization": "dataset",
-        "mean": (0.2, 0.3, 0.4), "std": (0.5, 0.6, 0.7),
+        "channel_order": "BGR",
+        "image_size": 64,
+        "normalization": "dataset",
+        "mean": (0.2, 0.3, 0.4),
+        "std": (0.5, 0.6, 0.7),
     }
-    assert loaded.postprocessing == Postprocessing(threshold=0.65, min_component_area=48, fill_holes=True,
-                                                   tta_flips=True, largest_3d_component=True)
+    assert loaded.postprocessing == Postprocessing(
+        threshold=0.65, min_component_area=48, fill_holes=True, tta_flips=True, largest_3d_component=True
+    )
     assert_same_network(loaded.network, network)
     # saved again, it is written in today's layout with the same settings
     loaded.save_pretrained(tmp_path / "migrated")
@@ -164,7 +179,9 @@ def test_a_flat_config_without_a_setting_loads_with_the_default_of_its_day_and_a
     assert loaded.postprocessing.largest_3d_component is False and loaded.postprocessing.fill_holes is False
     assert loaded.preprocessing.normalization == "dataset"  # the old constructor's default, not today's "slice"
     assert loaded.preprocessing.mean == LGG_MEAN and loaded.preprocessing.std == LGG_STD
-    assert f"{tmp_path / 'config.json'} lacks channel_order, mean, std, normalization, min_component_area" in caplog.text
+    assert (
+        f"{tmp_path / 'config.json'} lacks channel_order, mean, std, normalization, min_component_area" in caplog.text
+    )
 
 
 def test_a_2_5d_model_is_refused_in_one_line(tmp_path):
@@ -234,15 +251,20 @@ def test_a_broken_processing_file_is_a_one_line_error_naming_it(tmp_path):
     assert error_of(tmp_path) == "image_size 50 must be a multiple of 2**depth = 4"
     for mean, std in (([0.1, 0.2], [0.1, 0.1, 0.1]), ([0.1, 0.1, 0.1], [0.1, 0.0, 0.1])):  # one short; a division by 0
         pre_path.write_text(json.dumps({**pre, "mean": mean, "std": std}))
-        assert error_of(tmp_path) == (f"{pre_path}: mean and std must hold three values (one per channel) and "
-                                      f"std be above 0, got {mean} and {std}")
+        assert error_of(tmp_path) == (
+            f"{pre_path}: mean and std must hold three values (one per channel) and "
+            f"std be above 0, got {mean} and {std}"
+        )
     pre_path.write_text(json.dumps({**pre, "normalisation": "slice"}))  # a misspelt key: refused, not defaulted
-    assert error_of(tmp_path) == (f"{pre_path}: unknown setting 'normalisation'; preprocessor_config.json takes "
-                                  "channel_order, image_size, normalization, mean, std")
+    assert error_of(tmp_path) == (
+        f"{pre_path}: unknown setting 'normalisation'; preprocessor_config.json takes "
+        "channel_order, image_size, normalization, mean, std"
+    )
     pre_path.write_text(json.dumps(pre))
     post_path.write_text(json.dumps({**post, "treshold": 0.6}))
-    assert error_of(tmp_path).startswith(f"{post_path}: unknown setting 'treshold'; postprocessor_config.json takes "
-                                         "threshold, ")
+    assert error_of(tmp_path).startswith(
+        f"{post_path}: unknown setting 'treshold'; postprocessor_config.json takes threshold, "
+    )
     post_path.write_text(json.dumps({**post, "threshold": 1.0}))
     assert error_of(tmp_path) == f"{post_path}: threshold must lie strictly between 0 and 1, got 1.0"
     post_path.write_text("{not json")

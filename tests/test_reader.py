@@ -50,8 +50,11 @@ NOISE_PNG = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dty
 
 
 def test_an_unreadable_file_is_one_line_naming_it():
-    for data, says in ((b"", "the file is empty"), (b"not an image at all", "not an image this app reads"),
-                       (NOISE_PNG[: len(NOISE_PNG) // 2], "corrupt or truncated")):
+    for data, says in (
+        (b"", "the file is empty"),
+        (b"not an image at all", "not an image this app reads"),
+        (NOISE_PNG[: len(NOISE_PNG) // 2], "corrupt or truncated"),
+    ):
         with pytest.raises(ReadError) as caught:
             read_image(data, "scan_07.png")
         message = str(caught.value)

@@ -198,8 +198,12 @@ def test_channel_order_of_the_config_is_applied(segmenter):
     rng = np.random.default_rng(2)
     image = phantom_slice(rng, 256, tumor=True)[0]
     rgb = segmenter.probabilities([image])[0]
-    bgr = Segmenter(segmenter.network, dataclasses.replace(segmenter.preprocessing, channel_order="BGR"),
-                    segmenter.postprocessing, segmenter.precision)
+    bgr = Segmenter(
+        segmenter.network,
+        dataclasses.replace(segmenter.preprocessing, channel_order="BGR"),
+        segmenter.postprocessing,
+        segmenter.precision,
+    )
     swapped = bgr.probabilities([np.ascontiguousarray(image[..., ::-1])])[0]
     assert np.allclose(rgb, swapped, atol=1e-6)
     assert not np.allclose(rgb, bgr.probabilities([image])[0], atol=1e-3)  # the order does matter to this model

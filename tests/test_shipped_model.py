@@ -35,8 +35,14 @@ def recorded() -> dict:
 
 
 def test_shipped_folder_is_the_hub_layout_and_small():
-    for name in ("config.json", "preprocessor_config.json", "postprocessor_config.json", "model.safetensors",
-                 "README.md", "metrics.json"):
+    for name in (
+        "config.json",
+        "preprocessor_config.json",
+        "postprocessor_config.json",
+        "model.safetensors",
+        "README.md",
+        "metrics.json",
+    ):
         assert (SHIPPED_MODEL_DIR / name).is_file(), name
     assert (SHIPPED_MODEL_DIR / "model.safetensors").stat().st_size <= 32 * 1024 * 1024
     # no dataset slices are shipped with the model: examples of real scans live only on the Hub
@@ -64,9 +70,11 @@ def test_config_carries_the_architecture_and_the_processing_files_the_tuned_post
     p = segmenter.postprocessing
     card = (SHIPPED_MODEL_DIR / "README.md").read_text()
     readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
-    stated = (f"threshold {p.threshold}, minimum component area {p.min_component_area} px, hole filling "
-              f"{'on' if p.fill_holes else 'off'}, flip test-time augmentation off, largest 3D component per "
-              f"patient {'on' if p.largest_3d_component else 'off'}")
+    stated = (
+        f"threshold {p.threshold}, minimum component area {p.min_component_area} px, hole filling "
+        f"{'on' if p.fill_holes else 'off'}, flip test-time augmentation off, largest 3D component per "
+        f"patient {'on' if p.largest_3d_component else 'off'}"
+    )
     assert not p.tta_flips and stated in card
     assert f"threshold {p.threshold}, tumor components under {p.min_component_area} px removed" in readme
 
@@ -74,14 +82,28 @@ def test_config_carries_the_architecture_and_the_processing_files_the_tuned_post
 @pytest.mark.real_data
 def test_evaluate_reproduces_the_shipped_test_metrics(real_data_dir, capsys):
     metrics = recorded()
-    code = evaluate_main(["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR),
-                          "--patients", *metrics["splits"]["test"], "--json"])
+    code = evaluate_main(
+        [
+            "--data-dir",
+            str(real_data_dir),
+            "--model",
+            str(SHIPPED_MODEL_DIR),
+            "--patients",
+            *metrics["splits"]["test"],
+            "--json",
+        ]
+    )
     assert code == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = metrics["test"]
     assert (measured["patients"], measured["slices"]) == (expected["patients"], expected["slices"])
-    for key in ("patient_dice_mean", "patient_dice_median", "tumor_slice_dice_mean", "slice_dice_mean",
-                "healthy_fp_rate"):
+    for key in (
+        "patient_dice_mean",
+        "patient_dice_median",
+        "tumor_slice_dice_mean",
+        "slice_dice_mean",
+        "healthy_fp_rate",
+    ):
         assert measured[key] == pytest.approx(expected[key], abs=0.003), key
     assert measured["patient_dice_ci95"] == pytest.approx(expected["patient_dice_ci95"], abs=0.003)
     assert measured["largest_3d_component"] is True  # the config's whole-volume step was applied
@@ -108,8 +130,16 @@ def test_whole_volume_step_only_removes_pixels_and_both_results_are_recorded(rea
 @pytest.mark.real_data
 def test_hole_filling_follows_the_config_unless_told(real_data_dir, capsys):
     # TCGA_FG_5964: a validation patient whose predicted tumor has holes the reference does not
-    args = ["--data-dir", str(real_data_dir), "--model", str(SHIPPED_MODEL_DIR), "--patients", "TCGA_FG_5964_20010511",
-            "--json", "--fill-holes"]
+    args = [
+        "--data-dir",
+        str(real_data_dir),
+        "--model",
+        str(SHIPPED_MODEL_DIR),
+        "--patients",
+        "TCGA_FG_5964_20010511",
+        "--json",
+        "--fill-holes",
+    ]
     scores = {}
     for choice in ("config", "on", "off"):
         assert evaluate_main([*args, choice]) == 0
@@ -156,6 +186,7 @@ def digest(masks) -> str:
 
 @pytest.mark.real_data
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 100 s on two idle cores; a busy machine must not turn it into a failure
 def test_masks_are_bitwise_those_of_the_code_before_the_redesign(real_data_dir):
     """Every slice of every patient, one slice at a time (batch 1) and as volumes (batch 16, with the 3D step),
     at the precision "auto" gives this machine: the digests recorded before the redesign."""
@@ -172,8 +203,12 @@ def test_masks_are_bitwise_those_of_the_code_before_the_redesign(real_data_dir):
         slice_masks = np.stack([batch16.slice_mask(p) for p in probs])
         volume_masks = batch16.volume_masks(probs)
         single = [batch1.slice_mask(p) for p in batch1.probabilities(images)]
-        measured = {"slice_batch16": digest(slice_masks), "volume_batch16": digest(volume_masks),
-                    "slice_batch1": digest(single), "tumor_pixels_volume": int(volume_masks.sum())}
+        measured = {
+            "slice_batch16": digest(slice_masks),
+            "volume_batch16": digest(volume_masks),
+            "slice_batch1": digest(single),
+            "tumor_pixels_volume": int(volume_masks.sum()),
+        }
         if measured != expected[patient]:
             differing.append((patient, measured, expected[patient]))
     assert not differing, f"{len(differing)} patients differ, first {differing[0]}"

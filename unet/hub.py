@@ -101,8 +101,8 @@ def _private_folders() -> list[tuple[str, str]]:
         str(repo): "<repo>",
         str(Path.home()): "~",
     }
-    # "/" or a one-part folder would match the start of every path in the message
-    found = [(str(Path(f).expanduser()), name) for f, name in folders.items() if f and len(Path(f).parts) > 2]
+    # "/" would match the start of every path in the message
+    found = [(str(Path(f).expanduser()), name) for f, name in folders.items() if f and len(Path(f).parts) > 1]
     found += [(str(Path(f).expanduser().resolve()), name) for f, name in found]
     return sorted(set(found), key=lambda pair: -len(pair[0]))
 

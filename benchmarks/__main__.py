@@ -8,6 +8,7 @@ Each benchmark runs in its own interpreter (so memory and torch.compile state do
 between them) and writes RESULTS_DIR/<name>.json; a failed one is reported and the rest go on.
 Run it on an otherwise idle machine: anything else using the cores makes every number low.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,27 @@ def summary_markdown(results_dir: Path, names: tuple[str, ...], command: str, du
     m = first or machine()
     quick = " **(--quick: toy sizes, not a measurement)**" if "--quick" in command else ""
     total = sum(durations.values())
-    head = [f"Measured on {machine_line(m)}, with `{command}`{quick} "
-            f"({total / 60:.1f} min for {', '.join(durations)})."]
+    head = [
+        f"Measured on {machine_line(m)}, with `{command}`{quick} ({total / 60:.1f} min for {', '.join(durations)})."
+    ]
     if m.get("load_avg_1m") and m["load_avg_1m"] > 0.5:
         head.append(f"\n**Warning:** the load average was {m['load_avg_1m']} at the start: other work shared the CPU.")
     return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="toy sizes, a few iterations (the smoke test)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="run only these")
     p.add_argument("--model", default=None, help="trained model folder (default: models/brain-mri-unet)")
-    p.add_argument("--results-dir", type=Path, default=None,
-                   help="where the JSON and summary.md go (default: benchmarks/results, results/quick with --quick)")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where the JSON and summary.md go (default: benchmarks/results, results/quick with --quick)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the inference benchmark")
     args = p.parse_args(argv)
@@ -86,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = results_dir / "summary.md"
     summary.write_text(summary_markdown(results_dir, names, command, durations))
-    log.info("wrote %s (%.1f min in all)%s", summary, sum(durations.values()) / 60,
-             f"; failed: {', '.join(failed)}" if failed else "")
+    log.info(
+        "wrote %s (%.1f min in all)%s",
+        summary,
+        sum(durations.values()) / 60,
+        f"; failed: {', '.join(failed)}" if failed else "",
+    )
     return 1 if failed else 0
 
 

@@ -7,6 +7,7 @@
   bottleneck, transposed-conv upsampling, (conv3x3-BN-ReLU) x 2 blocks and a 1x1 conv with a
   sigmoid. Kept as its own module, independent of ``unet.model``, so it is a real baseline.
 """
+
 from __future__ import annotations
 
 import torch

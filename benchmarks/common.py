@@ -1,4 +1,5 @@
 """Shared helpers: timing, peak memory, the machine's description, tables and JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,15 @@ DEFAULT_DATA_DIR = Path(os.environ.get("LGG_DATA_DIR", ROOT.parent / "shared" / 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
     """The flags every benchmark shares: --quick, --out, --verbose."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
-    p.add_argument("--quick", action="store_true", help="toy sizes and a few iterations: checks the code, not the speed")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"JSON result (default: benchmarks/results/{name}.json, or results/quick/ with --quick)")
+    p.add_argument(
+        "--quick", action="store_true", help="toy sizes and a few iterations: checks the code, not the speed"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON result (default: benchmarks/results/{name}.json, or results/quick/ with --quick)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, one per core)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(benchmark_name=name)
@@ -55,8 +62,9 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namesp
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("httpx", "httpcore", "gradio_client"):  # one line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -64,12 +72,18 @@ def setup_logging(verbose: bool = False) -> None:
 def summarize_times(seconds: list[float]) -> dict:
     """Median, p95, mean and min of per-call times, in milliseconds."""
     ms = np.asarray(seconds) * 1000
-    return {"runs": len(ms), "median_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
-            "mean_ms": round(float(ms.mean()), 2), "min_ms": round(float(ms.min()), 2)}
+    return {
+        "runs": len(ms),
+        "median_ms": round(float(np.median(ms)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+        "min_ms": round(float(ms.min()), 2),
+    }
 
 
-def measure(fn: Callable[[], object], warmup: int = 1, min_runs: int = 3, max_runs: int = 1000,
-            budget_s: float = 5.0) -> dict:
+def measure(
+    fn: Callable[[], object], warmup: int = 1, min_runs: int = 3, max_runs: int = 1000, budget_s: float = 5.0
+) -> dict:
     """Time ``fn`` after ``warmup`` calls: at least ``min_runs`` calls, more until ``budget_s`` is spent."""
     for _ in range(warmup):
         fn()
@@ -140,13 +154,15 @@ def machine() -> dict:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX'}), "
-            f"torch {m['torch']}, Python {m['python']}, {m['date']}")
+    return (
+        f"{m['cpu']}, {m['cores']} cores ({', '.join(m['cpu_flags']) or 'no AVX'}), "
+        f"torch {m['torch']}, Python {m['python']}, {m['date']}"
+    )
 
 
 def load_benchmark_model(model_dir: str | Path | None) -> tuple[Segmenter, str, Path | None]:
@@ -211,8 +227,10 @@ def table(rows: list[dict], columns: list[tuple[str, str]], digits: int = 1) -> 
     cells = [[fmt(row.get(key), digits) for key, _ in columns] for row in rows]
     headers = [header for _, header in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ Uses the first patients of the real LGG subset where it is present, else generat
 Compared with the training step's slices/s (benchmarks/results/training.json, when there),
 this says whether the loader can ever be the bottleneck.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,13 @@ def time_loader(dataset: LGGDataset, batch: int, batches: int, workers: int) -> 
         if first is None:
             first = time.perf_counter() - start
     seconds = time.perf_counter() - start
-    return {"workers": workers, "slices": count, "seconds": round(seconds, 3), "slices_per_s": round(count / seconds, 1),
-            "first_batch_s": round(first or 0.0, 3)}
+    return {
+        "workers": workers,
+        "slices": count,
+        "seconds": round(seconds, 3),
+        "slices_per_s": round(count / seconds, 1),
+        "first_batch_s": round(first or 0.0, 3),
+    }
 
 
 def run_benchmark(data_dir: Path, quick: bool, patients: int | None, training_json: Path | None) -> dict:
@@ -65,8 +71,9 @@ def run_benchmark(data_dir: Path, quick: bool, patients: int | None, training_js
             source = f"real LGG slices, first {settings['patients']} patients of {data_dir}"
         else:
             log.warning("no data at %s: using generated phantoms", data_dir)
-            folder = make_synthetic_dataset(scratch / "synthetic", patients=settings["patients"], slices=12,
-                                            size=settings["size"])
+            folder = make_synthetic_dataset(
+                scratch / "synthetic", patients=settings["patients"], slices=12, size=settings["size"]
+            )
             source = f"synthetic phantoms ({settings['patients']} patients x 12 slices)"
         df = scan_dataset(folder, check_images=False)
         start = time.perf_counter()
@@ -78,10 +85,21 @@ def run_benchmark(data_dir: Path, quick: bool, patients: int | None, training_js
             log.info("DataLoader, %d workers", workers)
             rows.append(time_loader(dataset, settings["batch"], settings["batches"], workers))
 
-    result = {"benchmark": "data", "quick": quick, "machine": machine(), "source": source, "slices": len(dataset),
-              "decode_s": round(decode_s, 2), "decode_slices_per_s": round(len(dataset) / decode_s, 1),
-              "image_size": settings["size"], "batch_size": settings["batch"], "settings": settings, "rows": rows,
-              "training_images_per_s": None, "headroom": None}
+    result = {
+        "benchmark": "data",
+        "quick": quick,
+        "machine": machine(),
+        "source": source,
+        "slices": len(dataset),
+        "decode_s": round(decode_s, 2),
+        "decode_slices_per_s": round(len(dataset) / decode_s, 1),
+        "image_size": settings["size"],
+        "batch_size": settings["batch"],
+        "settings": settings,
+        "rows": rows,
+        "training_images_per_s": None,
+        "headroom": None,
+    }
     # The loader must outrun the training step it feeds: compare with training.json of the same run.
     if training_json and training_json.is_file():
         training = json.loads(training_json.read_text())
@@ -93,14 +111,25 @@ def run_benchmark(data_dir: Path, quick: bool, patients: int | None, training_js
 
 
 def markdown(result: dict) -> str:
-    columns = [("workers", "DataLoader workers"), ("slices_per_s", "slices/s"), ("first_batch_s", "first batch (s)"),
-               ("slices", "slices timed")]
-    lines = [f"Data: LGGDataset + DataLoader with `train_transforms` at {result['image_size']}x{result['image_size']}, "
-             f"batch {result['batch_size']} ({result['source']}; {result['slices']} slices decoded once in "
-             f"{result['decode_s']:.1f} s).", "", table(result["rows"], columns)]
+    columns = [
+        ("workers", "DataLoader workers"),
+        ("slices_per_s", "slices/s"),
+        ("first_batch_s", "first batch (s)"),
+        ("slices", "slices timed"),
+    ]
+    lines = [
+        f"Data: LGGDataset + DataLoader with `train_transforms` at {result['image_size']}x{result['image_size']}, "
+        f"batch {result['batch_size']} ({result['source']}; {result['slices']} slices decoded once in "
+        f"{result['decode_s']:.1f} s).",
+        "",
+        table(result["rows"], columns),
+    ]
     if result.get("headroom"):
-        lines += ["", f"- With no workers (train.py's default) the loader gives {result['headroom']:.1f}x the "
-                      f"{result['training_images_per_s']:.1f} slices/s that our training step consumes."]
+        lines += [
+            "",
+            f"- With no workers (train.py's default) the loader gives {result['headroom']:.1f}x the "
+            f"{result['training_images_per_s']:.1f} slices/s that our training step consumes.",
+        ]
     return "\n".join(lines)
 
 
@@ -108,10 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("data", __doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="LGG subset (default: %(default)s)")
     p.add_argument("--patients", type=int, default=None, help="patients to load (default: 8, 2 with --quick)")
-    p.add_argument("--training-json", type=Path, default=None,
-                   help="training.json to compare with (default: training.json beside --out)")
+    p.add_argument(
+        "--training-json",
+        type=Path,
+        default=None,
+        help="training.json to compare with (default: training.json beside --out)",
+    )
     args = parse(p, argv)
-    result = run_benchmark(args.data_dir, args.quick, args.patients, args.training_json or args.out.parent / "training.json")
+    result = run_benchmark(
+        args.data_dir, args.quick, args.patients, args.training_json or args.out.parent / "training.json"
+    )
     print(markdown(result))
     write_json(result, args.out)
     return 0

@@ -7,6 +7,7 @@ and 32, speed-up over the classic U-Net in fp32 eager, FLOPs per slice and the s
 machine's measured matmul throughput (fp32 or bf16, timed in the same run) that this is.
 Also the end-to-end latency of `Segmenter.segment_slice` on one uint8 RGB slice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,29 +22,48 @@ import torch
 from torch import nn
 
 from benchmarks.baselines import BudaUNet, classic_unet
-from benchmarks.common import (fmt, flops_per_image, load_benchmark_model, machine, measure, parse, parser,
-                               sample_slice, table, write_json)
+from benchmarks.common import (
+    flops_per_image,
+    fmt,
+    load_benchmark_model,
+    machine,
+    measure,
+    parse,
+    parser,
+    sample_slice,
+    table,
+    write_json,
+)
 from unet.device import cpu_supports_bf16
 
 log = logging.getLogger("benchmarks.inference")
 
 MODES = ("fp32 eager", "fp32 channels_last", "bf16 autocast + channels_last", "torch.compile")
 
-FULL = {"size": 256, "batches": (8, 32), "matmul_n": 2048,
-        "latency": {"warmup": 3, "min_runs": 10, "budget_s": 6.0},
-        "throughput": {"warmup": 0, "min_runs": 1, "budget_s": 4.0},
-        "end_to_end": {"warmup": 3, "min_runs": 10, "budget_s": 5.0}}
-QUICK = {"size": 32, "batches": (8, 32), "matmul_n": 256,
-         "latency": {"warmup": 1, "min_runs": 2, "budget_s": 0.0},
-         "throughput": {"warmup": 0, "min_runs": 1, "budget_s": 0.0},
-         "end_to_end": {"warmup": 1, "min_runs": 2, "budget_s": 0.0}}
+FULL = {
+    "size": 256,
+    "batches": (8, 32),
+    "matmul_n": 2048,
+    "latency": {"warmup": 3, "min_runs": 10, "budget_s": 6.0},
+    "throughput": {"warmup": 0, "min_runs": 1, "budget_s": 4.0},
+    "end_to_end": {"warmup": 3, "min_runs": 10, "budget_s": 5.0},
+}
+QUICK = {
+    "size": 32,
+    "batches": (8, 32),
+    "matmul_n": 256,
+    "latency": {"warmup": 1, "min_runs": 2, "budget_s": 0.0},
+    "throughput": {"warmup": 0, "min_runs": 1, "budget_s": 0.0},
+    "end_to_end": {"warmup": 1, "min_runs": 2, "budget_s": 0.0},
+}
 
 
 def matmul_gflops(n: int, dtype: torch.dtype, settings: dict) -> float:
     """Throughput of an n x n x n ``torch.matmul``: the practical ceiling for convs in ``dtype``."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    stats = measure(lambda: torch.matmul(a, b), warmup=2, min_runs=max(3, settings["min_runs"]),
-                    budget_s=settings["budget_s"] / 2)
+    stats = measure(
+        lambda: torch.matmul(a, b), warmup=2, min_runs=max(3, settings["min_runs"]), budget_s=settings["budget_s"] / 2
+    )
     return round(2 * n**3 / (stats["median_ms"] / 1000) / 1e9, 1)
 
 
@@ -74,7 +94,9 @@ def forward_fn(model: nn.Module, mode: str, bf16: bool) -> Callable[[torch.Tenso
     return run
 
 
-def time_model(run: Callable[[torch.Tensor], torch.Tensor], size: int, batches: tuple[int, ...], settings: dict) -> dict:
+def time_model(
+    run: Callable[[torch.Tensor], torch.Tensor], size: int, batches: tuple[int, ...], settings: dict
+) -> dict:
     """Latency at batch 1 and images/s at each batch; the first call of each shape timed apart."""
     row: dict = {}
     first_calls = {}
@@ -84,10 +106,10 @@ def time_model(run: Callable[[torch.Tensor], torch.Tensor], size: int, batches: 
         run(x)
         first_calls[str(batch)] = round(time.perf_counter() - start, 3)
         if batch == 1:
-            stats = measure(lambda: run(x), **settings["latency"])
+            stats = measure(lambda x=x: run(x), **settings["latency"])
             row.update(median_ms=stats["median_ms"], p95_ms=stats["p95_ms"], runs=stats["runs"])
         else:
-            stats = measure(lambda: run(x), **settings["throughput"])
+            stats = measure(lambda x=x: run(x), **settings["throughput"])
             row[f"images_per_s_b{batch}"] = round(batch / (stats["median_ms"] / 1000), 2)
         log.debug("batch %d: first call %.3f s, %s", batch, first_calls[str(batch)], stats)
     row["first_call_s"] = first_calls
@@ -104,8 +126,10 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
     notes = [] if path else ["no trained model: the speed is that of the architecture, and there is no Dice to report"]
 
     log.info("matmul throughput (n=%d)", settings["matmul_n"])
-    peak = {"fp32": matmul_gflops(settings["matmul_n"], torch.float32, settings["latency"]),
-            "bf16": matmul_gflops(settings["matmul_n"], torch.bfloat16, settings["latency"]) if bf16 else None}
+    peak = {
+        "fp32": matmul_gflops(settings["matmul_n"], torch.float32, settings["latency"]),
+        "bf16": matmul_gflops(settings["matmul_n"], torch.bfloat16, settings["latency"]) if bf16 else None,
+    }
     log.info("matmul: fp32 %.0f GFLOP/s, bf16 %s GFLOP/s", peak["fp32"], peak["bf16"])
 
     candidates: list[tuple[str, str, nn.Module, str]] = [
@@ -113,14 +137,21 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
         ("brain-segmentation-pytorch (w32, 4 pools)", "buda", BudaUNet().eval(), "fp32 eager"),
     ]
     for mode in MODES:
-        candidates.append((f"shipped (w{shipped.width}, {shipped.depth} pools, {shipped.upsampling})", "shipped", shipped, mode))
+        candidates.append(
+            (f"shipped (w{shipped.width}, {shipped.depth} pools, {shipped.upsampling})", "shipped", shipped, mode)
+        )
 
     rows = []
     for label, key, model, mode in candidates:
         precision = "bf16" if (mode.startswith("bf16") or (mode == "torch.compile" and bf16)) else "fp32"
-        row = {"model": label, "key": key, "mode": mode, "precision": precision,
-               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-               "gflop_per_image": round(flops_per_image(model, size) / 1e9, 3)}
+        row = {
+            "model": label,
+            "key": key,
+            "mode": mode,
+            "precision": precision,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "gflop_per_image": round(flops_per_image(model, size) / 1e9, 3),
+        }
         if mode.startswith("bf16") and not bf16:
             row["skipped"] = "this CPU has no bf16 units (AVX512-BF16 or AMX)"
         elif mode == "torch.compile" and not compile_:
@@ -131,11 +162,15 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
                 row.update(time_model(forward_fn(model, mode, bf16), size, batches, settings))
             except Exception as error:  # compile needs a C++ toolchain; report, don't stop the suite
                 log.warning("%s %s failed: %s", label, mode, error)
-                row["skipped"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                row["skipped"] = (
+                    f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                )
         if mode == "torch.compile" and "first_call_s" in row:  # one compilation per batch shape
             row["compile_s"] = round(sum(row["first_call_s"].values()), 1)
         # The mode Segmenter (app, evaluate) runs in: channels_last, bf16 where supported.
-        row["serving"] = key == "shipped" and mode == ("bf16 autocast + channels_last" if bf16 else "fp32 channels_last")
+        row["serving"] = key == "shipped" and mode == (
+            "bf16 autocast + channels_last" if bf16 else "fp32 channels_last"
+        )
         rows.append(row)
 
     reference = next(r for r in rows if r["key"] == "classic")
@@ -147,63 +182,110 @@ def run_benchmark(model_dir: str | None, quick: bool, compile_: bool | None) -> 
             row[f"speedup_b{batch}"] = round(row[f"images_per_s_b{batch}"] / reference[f"images_per_s_b{batch}"], 2)
         best = max(row[f"images_per_s_b{b}"] for b in batches)
         row["achieved_gflops"] = round(row["gflop_per_image"] * best, 1)
-        row["peak_fraction"] = round(row["achieved_gflops"] / peak[row["precision"]], 3) if peak[row["precision"]] else None
+        row["peak_fraction"] = (
+            round(row["achieved_gflops"] / peak[row["precision"]], 3) if peak[row["precision"]] else None
+        )
 
     log.info("end-to-end segment()")
     image, image_source = sample_slice(256)
     served = segmenter.with_postprocessing()  # its own batch size and precision, the network shared
     served.batch_size = 1
     e2e = measure(lambda: served.segment_slice(image), **settings["end_to_end"])
-    e2e.update(input=f"{image_source}, {image.shape[1]}x{image.shape[0]} uint8 RGB",
-               precision="bf16" if bf16 else "fp32", model_input_size=served.preprocessing.image_size)
+    e2e.update(
+        input=f"{image_source}, {image.shape[1]}x{image.shape[0]} uint8 RGB",
+        precision="bf16" if bf16 else "fp32",
+        model_input_size=served.preprocessing.image_size,
+    )
 
     metrics = None
     if path and (path / "metrics.json").is_file():
         recorded = json.loads((path / "metrics.json").read_text())
         test = recorded.get("test_per_slice") or recorded.get("test") or {}  # one slice at a time, as timed here
         metrics = {k: test.get(k) for k in ("patient_dice_mean", "tumor_slice_dice_mean", "healthy_fp_rate")}
-    return {"benchmark": "inference", "quick": quick, "machine": machine(), "image_size": size,
-            "settings": {k: v for k, v in settings.items()}, "model": {"description": description, "dir": str(path) if path else None,
-                                                                        "test_metrics": metrics},
-            "matmul_gflops": peak, "rows": rows, "end_to_end": e2e, "notes": notes}
+    return {
+        "benchmark": "inference",
+        "quick": quick,
+        "machine": machine(),
+        "image_size": size,
+        "settings": {k: v for k, v in settings.items()},
+        "model": {"description": description, "dir": str(path) if path else None, "test_metrics": metrics},
+        "matmul_gflops": peak,
+        "rows": rows,
+        "end_to_end": e2e,
+        "notes": notes,
+    }
 
 
 def markdown(result: dict) -> str:
     batches = result["settings"]["batches"]
-    columns = [("model", "model"), ("mode", "mode"), ("params_m", "params (M)"), ("gflop_per_image", "GFLOP/slice"),
-               ("median_ms", "latency median (ms)"), ("p95_ms", "p95 (ms)")]
+    columns = [
+        ("model", "model"),
+        ("mode", "mode"),
+        ("params_m", "params (M)"),
+        ("gflop_per_image", "GFLOP/slice"),
+        ("median_ms", "latency median (ms)"),
+        ("p95_ms", "p95 (ms)"),
+    ]
     columns += [(f"images_per_s_b{b}", f"slices/s @{b}") for b in batches]
-    columns += [("speedup_latency", "speed-up (latency)"), (f"speedup_b{batches[-1]}", f"speed-up @{batches[-1]}"),
-                ("peak_fraction_pct", "% of matmul peak"), ("note", "note")]
+    columns += [
+        ("speedup_latency", "speed-up (latency)"),
+        (f"speedup_b{batches[-1]}", f"speed-up @{batches[-1]}"),
+        ("peak_fraction_pct", "% of matmul peak"),
+        ("note", "note"),
+    ]
     rows = []
     for r in result["rows"]:
-        rows.append({**r, "peak_fraction_pct": None if r.get("peak_fraction") is None else round(100 * r["peak_fraction"], 1),
-                     "speedup_latency": None if "speedup_latency" not in r else f"{r['speedup_latency']:.2f}x",
-                     f"speedup_b{batches[-1]}": None if f"speedup_b{batches[-1]}" not in r else f"{r[f'speedup_b{batches[-1]}']:.2f}x",
-                     "note": r.get("skipped") or ("the serving path" if r.get("serving") else "")
-                     + (f"compile {r['compile_s']:.0f} s ({len(r['first_call_s'])} shapes)" if "compile_s" in r else "")})
+        rows.append(
+            {
+                **r,
+                "peak_fraction_pct": None if r.get("peak_fraction") is None else round(100 * r["peak_fraction"], 1),
+                "speedup_latency": None if "speedup_latency" not in r else f"{r['speedup_latency']:.2f}x",
+                f"speedup_b{batches[-1]}": None
+                if f"speedup_b{batches[-1]}" not in r
+                else f"{r[f'speedup_b{batches[-1]}']:.2f}x",
+                "note": r.get("skipped")
+                or ("the serving path" if r.get("serving") else "")
+                + (f"compile {r['compile_s']:.0f} s ({len(r['first_call_s'])} shapes)" if "compile_s" in r else ""),
+            }
+        )
     peak = result["matmul_gflops"]
     e2e = result["end_to_end"]
-    lines = [f"Inference, one {result['image_size']}x{result['image_size']} slice; speed-ups against the classic "
-             "U-Net in fp32 eager, timed in the same run.", "", table(rows, columns, digits=1), "",
-             f"- Matmul ceiling measured in the same run: fp32 {fmt(peak['fp32'], 0)} GFLOP/s, bf16 {fmt(peak['bf16'], 0)} GFLOP/s.",
-             f"- End to end (`Segmenter.segment_slice`: preprocessing + {e2e['precision']} net + post-processing, {e2e['input']}): "
-             f"median {e2e['median_ms']:.1f} ms, p95 {e2e['p95_ms']:.1f} ms.",
-             f"- Model: {result['model']['description']}."]
+    lines = [
+        f"Inference, one {result['image_size']}x{result['image_size']} slice; speed-ups against the classic "
+        "U-Net in fp32 eager, timed in the same run.",
+        "",
+        table(rows, columns, digits=1),
+        "",
+        f"- Matmul ceiling measured in the same run: fp32 {fmt(peak['fp32'], 0)} GFLOP/s, "
+        f"bf16 {fmt(peak['bf16'], 0)} GFLOP/s.",
+        f"- End to end (`Segmenter.segment_slice`: preprocessing + {e2e['precision']} net + post-processing, "
+        f"{e2e['input']}): "
+        f"median {e2e['median_ms']:.1f} ms, p95 {e2e['p95_ms']:.1f} ms.",
+        f"- Model: {result['model']['description']}.",
+    ]
     metrics = result["model"].get("test_metrics")
     if metrics:
-        lines.append(f"- Its test Dice, slice by slice as this path segments (metrics.json): "
-                     f"patient {fmt(metrics.get('patient_dice_mean'), 3)}, "
-                     f"tumor-slice {fmt(metrics.get('tumor_slice_dice_mean'), 3)}.")
+        lines.append(
+            f"- Its test Dice, slice by slice as this path segments (metrics.json): "
+            f"patient {fmt(metrics.get('patient_dice_mean'), 3)}, "
+            f"tumor-slice {fmt(metrics.get('tumor_slice_dice_mean'), 3)}."
+        )
     lines += [f"- {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("inference", __doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="trained model folder (default: models/brain-mri-unet, else a fresh UNet())")
-    p.add_argument("--compile", dest="compile_", action=argparse.BooleanOptionalAction, default=None,
-                   help="time torch.compile too (default: yes, except with --quick)")
+    p.add_argument(
+        "--model", default=None, help="trained model folder (default: models/brain-mri-unet, else a fresh UNet())"
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile_",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time torch.compile too (default: yes, except with --quick)",
+    )
     args = parse(p, argv)
     torch.manual_seed(0)
     result = run_benchmark(args.model, args.quick, args.compile_)

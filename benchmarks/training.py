@@ -11,6 +11,7 @@ Four configurations, each in its own process so its peak memory (VmHWM) is its o
 - tutorial loop: fp32, the model's output through a sigmoid into nn.BCELoss, Adam, and the
   Dice metric computed on CPU numpy copies of prediction and target every step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import (ROOT, load_benchmark_model, machine, measure, parse, parser, peak_rss_mb, rss_mb,
-                               table, write_json)
+from benchmarks.common import (
+    ROOT,
+    load_benchmark_model,
+    machine,
+    measure,
+    parse,
+    parser,
+    peak_rss_mb,
+    rss_mb,
+    table,
+    write_json,
+)
 
 log = logging.getLogger("benchmarks.training")
 
@@ -51,11 +62,14 @@ def synthetic_batches(batch: int, size: int, count: int = 4, seed: int = 0) -> l
     return batches
 
 
-def our_step(model: nn.Module, batches: list, device: torch.device = torch.device("cpu")) -> Callable[[], float]:
-    """The trainer's set-up (unet.training), then its own ``train_step`` and the scheduler step, as in its epoch loop."""
+CPU = torch.device("cpu")
+
+
+def our_step(model: nn.Module, batches: list, device: torch.device = CPU) -> Callable[[], float]:
+    """The trainer's set-up (unet.training), then its ``train_step`` and the scheduler step, as in its epoch loop."""
     from unet.device import cpu_supports_bf16
-    from unet.training import lr_factor, train_step
     from unet.losses import BCEDiceLoss
+    from unet.training import lr_factor, train_step
 
     model.to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -64,8 +78,9 @@ def our_step(model: nn.Module, batches: list, device: torch.device = torch.devic
     precision = "auto"
     if device.type == "cpu" and not cpu_supports_bf16():
         precision = "fp32"
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
-                                  and precision != "fp32")
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported() and precision != "fp32"
+    )
     source = itertools.cycle(batches)
 
     def step() -> float:
@@ -128,9 +143,14 @@ def worker(config: dict) -> dict:
     rss_before = rss_mb()
     step = our_step(model, batches) if config["loop"] == "ours" else tutorial_step(model, batches)
     stats = measure(step, warmup=config["warmup"], min_runs=config["min_runs"], budget_s=config["budget_s"])
-    return {"step_ms": stats["median_ms"], "step_p95_ms": stats["p95_ms"], "steps": stats["runs"],
-            "images_per_s": round(config["batch"] / (stats["median_ms"] / 1000), 2),
-            "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "step_ms": stats["median_ms"],
+        "step_p95_ms": stats["p95_ms"],
+        "steps": stats["runs"],
+        "images_per_s": round(config["batch"] / (stats["median_ms"] / 1000), 2),
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_configs(configs: list[dict]) -> list[dict]:
@@ -153,17 +173,30 @@ def run_benchmark(model_dir: str | None, quick: bool, threads: int | None) -> di
     settings = QUICK if quick else FULL
     segmenter, description, _ = load_benchmark_model(model_dir)
     shipped = segmenter.network
-    models = {"shipped": ({"width": shipped.width, "depth": shipped.depth, "upsampling": shipped.upsampling},
-                          f"shipped (w{shipped.width}, {shipped.depth} pools, {shipped.upsampling})"),
-              "classic": (CLASSIC, "classic U-Net (w64, 3 pools, bilinear)")}
-    loops = {"ours": f"ours (train.py: channels_last, {'bf16' if cpu_supports_bf16() else 'fp32'}, BCE+Dice on logits, AdamW)",
-             "tutorial": "tutorial (fp32, sigmoid + BCELoss, Adam, Dice on CPU numpy every step)"}
+    models = {
+        "shipped": (
+            {"width": shipped.width, "depth": shipped.depth, "upsampling": shipped.upsampling},
+            f"shipped (w{shipped.width}, {shipped.depth} pools, {shipped.upsampling})",
+        ),
+        "classic": (CLASSIC, "classic U-Net (w64, 3 pools, bilinear)"),
+    }
+    loops = {
+        "ours": f"ours (unet.training: channels_last, {'bf16' if cpu_supports_bf16() else 'fp32'}, BCE+Dice on logits, "
+        "AdamW)",
+        "tutorial": "tutorial (fp32, sigmoid + BCELoss, Adam, Dice on CPU numpy every step)",
+    }
     rows, configs = [], []
     for model_key, (arch, model_label) in models.items():
         for loop_key, loop_label in loops.items():
             rows.append({"model": model_label, "model_key": model_key, "loop": loop_label, "loop_key": loop_key})
-            configs.append({"loop": loop_key, "arch": arch, "threads": threads,
-                            **{k: settings[k] for k in ("size", "batch", "warmup", "min_runs", "budget_s")}})
+            configs.append(
+                {
+                    "loop": loop_key,
+                    "arch": arch,
+                    "threads": threads,
+                    **{k: settings[k] for k in ("size", "batch", "warmup", "min_runs", "budget_s")},
+                }
+            )
     if quick:
         results = run_configs(configs)
     else:
@@ -180,21 +213,51 @@ def run_benchmark(model_dir: str | None, quick: bool, threads: int | None) -> di
         same_model = next(r for r in rows if r["model_key"] == row["model_key"] and r["loop_key"] == "tutorial")
         if "images_per_s" in row and "images_per_s" in same_model:
             row["speedup_vs_tutorial_same_model"] = round(row["images_per_s"] / same_model["images_per_s"], 2)
-    return {"benchmark": "training", "quick": quick, "machine": machine(), "image_size": settings["size"],
-            "batch_size": settings["batch"], "settings": settings, "model": description, "rows": rows,
-            "data": "synthetic phantom slices, pre-built (loader speed: benchmarks.data)"}
+    return {
+        "benchmark": "training",
+        "quick": quick,
+        "machine": machine(),
+        "image_size": settings["size"],
+        "batch_size": settings["batch"],
+        "settings": settings,
+        "model": description,
+        "rows": rows,
+        "data": "synthetic phantom slices, pre-built (loader speed: benchmarks.data)",
+    }
 
 
 def markdown(result: dict) -> str:
-    columns = [("model", "model"), ("loop", "training loop"), ("images_per_s", "slices/s"), ("step_ms", "step (ms)"),
-               ("peak_rss_mb", "peak RSS (MB)"), ("speedup_same", "vs tutorial, same model"),
-               ("speedup_classic", "vs tutorial, classic model"), ("note", "note")]
-    rows = [{**r, "speedup_same": f"{r['speedup_vs_tutorial_same_model']:.2f}x" if "speedup_vs_tutorial_same_model" in r else None,
-             "speedup_classic": f"{r['speedup_vs_tutorial_classic']:.2f}x" if "speedup_vs_tutorial_classic" in r else None,
-             "note": r.get("skipped", "")} for r in result["rows"]]
-    return "\n".join([f"Training step, batch {result['batch_size']} of {result['image_size']}x{result['image_size']} "
-                      f"slices ({result['data']}); peak RSS of a process per row, interpreter and torch included.",
-                      "", table(rows, columns)])
+    columns = [
+        ("model", "model"),
+        ("loop", "training loop"),
+        ("images_per_s", "slices/s"),
+        ("step_ms", "step (ms)"),
+        ("peak_rss_mb", "peak RSS (MB)"),
+        ("speedup_same", "vs tutorial, same model"),
+        ("speedup_classic", "vs tutorial, classic model"),
+        ("note", "note"),
+    ]
+    rows = [
+        {
+            **r,
+            "speedup_same": f"{r['speedup_vs_tutorial_same_model']:.2f}x"
+            if "speedup_vs_tutorial_same_model" in r
+            else None,
+            "speedup_classic": f"{r['speedup_vs_tutorial_classic']:.2f}x"
+            if "speedup_vs_tutorial_classic" in r
+            else None,
+            "note": r.get("skipped", ""),
+        }
+        for r in result["rows"]
+    ]
+    return "\n".join(
+        [
+            f"Training step, batch {result['batch_size']} of {result['image_size']}x{result['image_size']} "
+            f"slices ({result['data']}); peak RSS of a process per row, interpreter and torch included.",
+            "",
+            table(rows, columns),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([worker(config) for config in json.loads(sys.argv[2])]))
         return 0
     p = parser("training", __doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="trained model folder whose architecture to time "
-                                                 "(default: models/brain-mri-unet, else UNet() defaults)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="trained model folder whose architecture to time (default: models/brain-mri-unet, else UNet() defaults)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = parse(p, argv)
     result = run_benchmark(args.model, args.quick, args.threads)

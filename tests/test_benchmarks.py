@@ -1,4 +1,5 @@
 """The benchmarks run and report what they promise. Timings are never asserted: they gate nothing."""
+
 from __future__ import annotations
 
 import json
@@ -39,27 +40,49 @@ def test_measure_and_table():
 
 @pytest.mark.slow
 def test_quick_suite_writes_every_result(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--results-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     inference = json.loads((tmp_path / "inference.json").read_text())
     assert set(inference["matmul_gflops"]) == {"fp32", "bf16"} and inference["matmul_gflops"]["fp32"] > 0
     modes = {(r["key"], r["mode"]) for r in inference["rows"]}
-    assert {("classic", "fp32 eager"), ("buda", "fp32 eager"), ("shipped", "fp32 eager"),
-            ("shipped", "fp32 channels_last"), ("shipped", "bf16 autocast + channels_last"),
-            ("shipped", "torch.compile")} == modes
+    assert {
+        ("classic", "fp32 eager"),
+        ("buda", "fp32 eager"),
+        ("shipped", "fp32 eager"),
+        ("shipped", "fp32 channels_last"),
+        ("shipped", "bf16 autocast + channels_last"),
+        ("shipped", "torch.compile"),
+    } == modes
     for row in inference["rows"]:
         assert row["gflop_per_image"] > 0
         if "skipped" not in row:
-            assert {"median_ms", "p95_ms", "images_per_s_b8", "images_per_s_b32", "speedup_latency",
-                    "speedup_b32", "achieved_gflops", "peak_fraction"} <= set(row)
+            assert {
+                "median_ms",
+                "p95_ms",
+                "images_per_s_b8",
+                "images_per_s_b32",
+                "speedup_latency",
+                "speedup_b32",
+                "achieved_gflops",
+                "peak_fraction",
+            } <= set(row)
     assert all("skipped" not in r for r in inference["rows"] if r["mode"] in ("fp32 eager", "fp32 channels_last"))
     assert {"median_ms", "p95_ms", "input"} <= set(inference["end_to_end"])
 
     training = json.loads((tmp_path / "training.json").read_text())
     assert {(r["model_key"], r["loop_key"]) for r in training["rows"]} == {
-        ("shipped", "ours"), ("shipped", "tutorial"), ("classic", "ours"), ("classic", "tutorial")}
+        ("shipped", "ours"),
+        ("shipped", "tutorial"),
+        ("classic", "ours"),
+        ("classic", "tutorial"),
+    }
     for row in training["rows"]:
         assert "skipped" not in row, row
         assert {"images_per_s", "step_ms", "peak_rss_mb", "speedup_vs_tutorial_classic"} <= set(row)
@@ -72,7 +95,10 @@ def test_quick_suite_writes_every_result(tmp_path):
     if (ROOT / "app.py").is_file():
         assert app["skipped"] is None, app["skipped"]
         assert [(r["clients"], r["client_setting"]) for r in app["rows"]] == [
-            (1, "defaults"), (1, "ssl_verify=False"), (8, "defaults")]
+            (1, "defaults"),
+            (1, "ssl_verify=False"),
+            (8, "defaults"),
+        ]
         for row in app["rows"]:
             assert row["failed"] == 0, row["errors"]
             assert row["ok"] == row["requests"] and row["p50_ms"] is not None

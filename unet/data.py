@@ -101,8 +101,10 @@ def scan_folder(root: str | Path, check_images: bool = True) -> pd.DataFrame:
     df = pd.DataFrame(rows).sort_values(["patient", "slice"], ignore_index=True)
     twins = df[df.duplicated(["patient", "slice"], keep=False)]
     if len(twins):  # e.g. _5.tif and _05.tif: the volume's order would be a guess
-        raise DatasetError(f"two images of slice {twins['slice'].iloc[0]}: {twins['image_path'].iloc[0]} and "
-                           f"{twins['image_path'].iloc[1]}")
+        raise DatasetError(
+            f"two images of slice {twins['slice'].iloc[0]}: {twins['image_path'].iloc[0]} and "
+            f"{twins['image_path'].iloc[1]}"
+        )
     df["has_tumor"] = df["tumor_pixels"] > 0
     return df
 
@@ -114,8 +116,12 @@ def institution(patient: str) -> str:
 
 
 def split_patients(
-    df: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
-    folds: int = 0, fold: int = 0,
+    df: pd.DataFrame,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+    folds: int = 0,
+    fold: int = 0,
 ) -> dict[str, list[str]]:
     """Split patients (never slices) into train / val / test.
 
@@ -128,7 +134,9 @@ def split_patients(
     """
     patients = df.groupby("patient")["has_tumor"].any().reset_index()
     strata_options = {
-        "tumor presence and institution": patients["has_tumor"].astype(str) + "_" + patients["patient"].map(institution),
+        "tumor presence and institution": patients["has_tumor"].astype(str)
+        + "_"
+        + patients["patient"].map(institution),
         "tumor presence": patients["has_tumor"].astype(str),
         "nothing": None,
     }
@@ -139,17 +147,21 @@ def split_patients(
         for by, strata in strata_options.items():
             try:
                 parts = train_test_split(
-                    frame, test_size=fraction, random_state=seed,
+                    frame,
+                    test_size=fraction,
+                    random_state=seed,
                     stratify=None if strata is None else strata.loc[frame.index],
                 )
             except ValueError:  # a stratum too small for the fraction
                 continue
             if by != "tumor presence and institution":
-                log.info("%s patients split off stratified by %s only: the finer strata have too few patients",
-                         name, by)
+                log.info(
+                    "%s patients split off stratified by %s only: the finer strata have too few patients", name, by
+                )
             return parts
-        raise DatasetError(f"too few patients ({len(frame)}) to split off {name} patients ({given}): "
-                           "use a folder with more patients")
+        raise DatasetError(
+            f"too few patients ({len(frame)}) to split off {name} patients ({given}): use a folder with more patients"
+        )
 
     if folds:
         if folds < 2 or not 0 <= fold < folds:
@@ -159,9 +171,14 @@ def split_patients(
         for strata in strata_options.values():
             if strata is None or strata.value_counts().max() >= folds:
                 break
-        splitter = KFold(folds, shuffle=True, random_state=seed) if strata is None else \
-            StratifiedKFold(folds, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():  # an institution with fewer patients than folds is fine: it lands in fewer folds
+        splitter = (
+            KFold(folds, shuffle=True, random_state=seed)
+            if strata is None
+            else StratifiedKFold(folds, shuffle=True, random_state=seed)
+        )
+        with (
+            warnings.catch_warnings()
+        ):  # an institution with fewer patients than folds is fine: it lands in fewer folds
             warnings.filterwarnings("ignore", message="The least populated class")
             rest_index, test_index = list(splitter.split(patients, None if strata is None else strata))[fold]
         rest, test = patients.iloc[rest_index], patients.iloc[test_index]
@@ -177,8 +194,10 @@ def volume_rows(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Each patient's row positions in a `scan_dataset` frame, in slice-number order: the order in which its
     volume is stacked for context slices and cut to its largest 3D component."""
     slices = df["slice"].to_numpy()
-    return {patient: rows[np.argsort(slices[rows], kind="stable")]
-            for patient, rows in df.groupby("patient", sort=False).indices.items()}
+    return {
+        patient: rows[np.argsort(slices[rows], kind="stable")]
+        for patient, rows in df.groupby("patient", sort=False).indices.items()
+    }
 
 
 def flair_only(image: np.ndarray, **_: object) -> np.ndarray:
@@ -254,6 +273,7 @@ def example_slices(frame: pd.DataFrame, tumor: int = 3, healthy: int = 2) -> pd.
 
     Different patients first; deterministic for a given frame.
     """
+
     def spread(rows: pd.DataFrame, n: int) -> pd.DataFrame:
         firsts = rows.drop_duplicates("patient")
         return pd.concat([firsts, rows.drop(firsts.index)]).head(n)
@@ -296,7 +316,9 @@ def main() -> int:
         return 2
     for name, patients in splits.items():
         part = df[df["patient"].isin(patients)]
-        log.info("%-5s %3d patients %5d slices %4d with tumor", name, len(patients), len(part), int(part["has_tumor"].sum()))
+        log.info(
+            "%-5s %3d patients %5d slices %4d with tumor", name, len(patients), len(part), int(part["has_tumor"].sum())
+        )
     if args.stats:
         mean, std = channel_stats(df[df["patient"].isin(splits["train"])])
         log.info("mean=%s std=%s", mean, std)

@@ -46,9 +46,7 @@ def frame_masks(segmenter: Segmenter, probs: Sequence[np.ndarray], df: pd.DataFr
     return masks
 
 
-def score(
-    segmenter: Segmenter, probs: Sequence[np.ndarray], targets: Sequence[np.ndarray], df: pd.DataFrame
-) -> dict:
+def score(segmenter: Segmenter, probs: Sequence[np.ndarray], targets: Sequence[np.ndarray], df: pd.DataFrame) -> dict:
     """`unet.metrics.summarize` of the masks the segmenter's post-processing makes of ``probs`` (rows of ``df``)."""
     counts = pixel_counts(frame_masks(segmenter, probs, df), np.stack(targets))
     return summarize(counts, list(df["patient"])) | {
@@ -75,8 +73,10 @@ def evaluate_folds(
     for model_dir in model_dirs:  # check every fold before evaluating any
         test = (recorded_metrics(model_dir).get("splits") or {}).get("test")
         if not test:
-            raise DatasetError(f"no test split recorded in {Path(model_dir) / 'metrics.json'}: "
-                               "--cv takes model folders written by train.py")
+            raise DatasetError(
+                f"no test split recorded in {Path(model_dir) / 'metrics.json'}: "
+                "--cv takes model folders written by train.py"
+            )
         if tested & set(test):
             raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
         tested |= set(test)
@@ -152,8 +152,12 @@ def select_patients(
         part = df[df["patient"].isin(ids)]
     seen = sorted(trained_patients(recorded) & set(part["patient"]))
     if seen and (patients or split != "train"):
-        log.warning("%d of the %d patients evaluated trained this model (e.g. %s): not a held-out score",
-                    len(seen), part["patient"].nunique(), seen[0])
+        log.warning(
+            "%d of the %d patients evaluated trained this model (e.g. %s): not a held-out score",
+            len(seen),
+            part["patient"].nunique(),
+            seen[0],
+        )
     return part
 
 

@@ -3,6 +3,7 @@
 Everything derives from three pixel counts per slice (intersection, predicted, reference),
 so the metrics themselves need no masks once those are counted.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ def iou(intersection: np.ndarray, predicted: np.ndarray, reference: np.ndarray) 
     return np.where(union == 0, 1.0, intersection / np.maximum(union, 1))
 
 
-def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000,
-                       seed: int = 0) -> list[float]:
+def bootstrap_interval(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> list[float]:
     """Percentile bootstrap interval of the mean: how far the mean of this few patients could move
     with other patients like them. Seeded, so a rerun prints the same interval."""
     values = np.asarray(values, dtype=np.float64)
@@ -58,8 +60,10 @@ def summarize(counts: np.ndarray, patients: Sequence[str]) -> dict:
     tumor = ref > 0
     healthy = ~tumor
     per_patient = pd.DataFrame({"patient": list(patients), "i": inter, "p": pred, "r": ref}).groupby("patient").sum()
-    patient_dice = pd.Series(dice(per_patient["i"].to_numpy(), per_patient["p"].to_numpy(), per_patient["r"].to_numpy()),
-                             index=per_patient.index)
+    patient_dice = pd.Series(
+        dice(per_patient["i"].to_numpy(), per_patient["p"].to_numpy(), per_patient["r"].to_numpy()),
+        index=per_patient.index,
+    )
     nan = float("nan")
     return {
         "patient_dice_mean": float(patient_dice.mean()),

@@ -56,8 +56,10 @@ class Preprocessing:
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"image_size must be a positive whole number, got {self.image_size!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or not min(self.std) > 0:
-            raise ValueError(f"mean and std must hold three values (one per channel) and std be above 0, got "
-                             f"{list(self.mean)} and {list(self.std)}")
+            raise ValueError(
+                f"mean and std must hold three values (one per channel) and std be above 0, got "
+                f"{list(self.mean)} and {list(self.std)}"
+            )
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """One RGB uint8 slice of any size -> (3, S, S) float32: channel order, resized, normalised."""
@@ -242,8 +244,10 @@ LEGACY_DEFAULTS = {
 
 def _from_legacy_config(path: Path, legacy: dict) -> tuple[Preprocessing, Postprocessing]:
     if legacy.get("context_slices"):
-        raise ValueError(f"{path}: a 2.5D model (context_slices {legacy['context_slices']}); 2.5D input was removed "
-                         "in brain-mri-unet 0.3 (EXPERIMENTS.md names the commit that still reads it)")
+        raise ValueError(
+            f"{path}: a 2.5D model (context_slices {legacy['context_slices']}); 2.5D input was removed "
+            "in brain-mri-unet 0.3 (EXPERIMENTS.md names the commit that still reads it)"
+        )
     settings = LEGACY_DEFAULTS | legacy
     # a one-slice model never wrote context_slices: its absence is no news
     _warn_missing(path, [key for key in LEGACY_DEFAULTS if key not in legacy and key != "context_slices"])

@@ -70,8 +70,10 @@ def read_slice(source: str | Path | bytes, name: str | None = None) -> Slice:
     except (OSError, ValueError, SyntaxError) as error:
         raise ReadError(f"{name}: the image is corrupt or truncated ({_first_line(error)})") from None
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
-        notes.append("grayscale image: repeated into the three channels the model reads "
-                     "(pre-contrast, FLAIR, post-contrast), so expect weaker results")
+        notes.append(
+            "grayscale image: repeated into the three channels the model reads "
+            "(pre-contrast, FLAIR, post-contrast), so expect weaker results"
+        )
     try:
         return Slice(to_rgb_uint8(array), notes)
     except ValueError as error:

@@ -42,8 +42,9 @@ class Segmenter:
         self.preprocessing = preprocessing or Preprocessing()
         self.postprocessing = postprocessing or Postprocessing()
         if self.preprocessing.image_size % 2**network.depth:
-            raise ValueError(f"image_size {self.preprocessing.image_size} must be a multiple of 2**depth = "
-                             f"{2**network.depth}")
+            raise ValueError(
+                f"image_size {self.preprocessing.image_size} must be a multiple of 2**depth = {2**network.depth}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
         # eval mode and channels_last: the layout oneDNN's convolutions run fastest in
@@ -94,8 +95,10 @@ class Segmenter:
                 probs = torch.sigmoid(logits)[:, 0].cpu().numpy()
             for prob, image in zip(probs, chunk):
                 height, width = np.shape(image)[:2]
-                yield prob if prob.shape == (height, width) else cv2.resize(
-                    prob, (width, height), interpolation=cv2.INTER_LINEAR
+                yield (
+                    prob
+                    if prob.shape == (height, width)
+                    else cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
                 )
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

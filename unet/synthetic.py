@@ -5,6 +5,7 @@ the slice position, and (for tumor patients, on the middle slices) a bright FLAI
 tumor is visible mainly in channel 1 (FLAIR), as in the real data, so a model must read the
 channels in the right order to find it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def phantom_slice(rng: np.random.Generator, size: int = 256, brain_scale: float = 1.0,
-                  tumor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def phantom_slice(
+    rng: np.random.Generator, size: int = 256, brain_scale: float = 1.0, tumor: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """One (image HxWx3 uint8 RGB, mask HxW uint8 0/255) pair."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = size / 2 + rng.normal(0, size * 0.02, 2)
@@ -52,8 +54,9 @@ def phantom_slice(rng: np.random.Generator, size: int = 256, brain_scale: float 
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def make_synthetic_dataset(root: str | Path, patients: int = 6, slices: int = 12, size: int = 256,
-                           healthy_patients: int = 0, seed: int = 0) -> Path:
+def make_synthetic_dataset(
+    root: str | Path, patients: int = 6, slices: int = 12, size: int = 256, healthy_patients: int = 0, seed: int = 0
+) -> Path:
     """Write ``root/kaggle_3m/<PATIENT>/<PATIENT>_<n>(_mask).tif`` and return the kaggle_3m path.
 
     Patient ids follow the TCGA pattern (``SYN_<site>_<id>_<date>``) with five sites, so
@@ -87,7 +90,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    folder = make_synthetic_dataset(args.out_dir, args.patients, args.slices, args.size, args.healthy_patients, args.seed)
+    folder = make_synthetic_dataset(
+        args.out_dir, args.patients, args.slices, args.size, args.healthy_patients, args.seed
+    )
     log.info("wrote %d patients x %d slices to %s", args.patients, args.slices, folder)
 
 

@@ -52,7 +52,13 @@ def tune_postprocessing(segmenter: Segmenter, val_df: pd.DataFrame, consider_tta
     volume_metrics = score(segmenter.with_postprocessing(volume), probs, targets, val_df)
     if validation_rank(volume_metrics) > validation_rank(metrics):
         chosen = volume
-    log.info("post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f; with the largest 3D "
-             "component %.4f, %.3f)", chosen, metrics["patient_dice_mean"], metrics["healthy_fp_rate"],
-             volume_metrics["patient_dice_mean"], volume_metrics["healthy_fp_rate"])
+    log.info(
+        "post-processing chosen on validation: %s (patient Dice %.4f, healthy FP %.3f; with the largest 3D "
+        "component %.4f, %.3f)",
+        chosen,
+        metrics["patient_dice_mean"],
+        metrics["healthy_fp_rate"],
+        volume_metrics["patient_dice_mean"],
+        volume_metrics["healthy_fp_rate"],
+    )
     return chosen

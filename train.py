@@ -3,10 +3,17 @@
     python train.py --data-dir ../shared/data/lgg_subset --out-dir runs/lgg        # train
     python train.py --out-dir runs/lgg --resume                                    # go on after a stop
     python train.py --synthetic --epochs 2 --out-dir runs/smoke                    # no dataset needed
+    torchrun --nproc_per_node 4 train.py --data-dir DATA --batch-size 32 --out-dir runs/ddp   # 4 GPUs, one model
 
 The run folder holds last.pt (everything needed to resume), best/ (the best validation epoch), history.csv,
 curves.png and, at the end, model/: the final model in the Hub layout, ready for `python -m unet.evaluate`,
 the app or --push. The training itself is `unet.training`; this is its command line.
+
+Under torchrun (also with --nnodes/--rdzv-endpoint) the processes train one model with DistributedDataParallel,
+one process a device: --batch-size is the global batch, shared equally among them, so a run gives what one process
+with the same --batch-size would (up to batch-norm statistics) and may resume with another number of processes.
+Rank 0 alone validates, checkpoints and writes the model; the out-dir and data must be at the same paths on every
+node.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from unet import distributed as ddp
 from unet.data import DatasetError
 from unet.reader import ReadError
 from unet.training import CONFIG_FILE_FIELDS, NonFiniteLoss, TrainConfig, Trainer, TrainingError
@@ -84,7 +93,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimisation")
     setting(opt, "--epochs", "epochs to train")
     setting(opt, "--steps-per-epoch", "steps of an epoch (default: one pass over the training slices)", type=int)
-    setting(opt, "--batch-size", "slices per step")
+    setting(opt, "--batch-size", "slices per step; under torchrun the global batch, which must divide by the processes")
     setting(opt, "--lr", "peak learning rate of AdamW")
     setting(opt, "--patience", "stop after this many epochs without a better validation Dice")
     setting(
@@ -92,6 +101,13 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
         "--precision",
         "auto: bf16 autocast on CUDA (fp16 before Ampere) or a CPU with bf16 units, else fp32",
         choices=["auto", "fp32", "bf16"],
+    )
+    opt.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        default=None,
+        help="under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm) instead of each "
+        "device's share; worth it when the per-device batch is small (under 8 or so); a resume may change it",
     )
 
 
@@ -111,10 +127,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue from OUT_DIR/last.pt with the run's own split, model and recipe; only --epochs, "
-        "--patience, --workers, --device and --data-dir may change",
+        "--patience, --workers, --device, --data-dir, --sync-batchnorm and the number of torchrun processes "
+        "may change",
     )
     setting(run, "--checkpoint-every", "also checkpoint every N steps within an epoch")
-    setting(run, "--device", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    setting(run, "--device", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps; under torchrun: auto, cuda, cpu")
     setting(run, "--seed", "seed of the split, sampling, initialisation and augmentation")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push", action="store_true", help="publish OUT_DIR/model to the Hub at the end")
@@ -149,21 +166,49 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    here = ddp.start()  # SINGLE unless started by torchrun
+    configure_logging(here)
+    try:
+        return run(args, here)
+    finally:
+        ddp.stop()
+
+
+def configure_logging(here: ddp.Distributed) -> None:
+    """One log for the run: rank 0 says everything, the other ranks only their warnings and errors."""
+    if not here.active:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        return
+    level = logging.INFO if here.is_main else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {here.rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+def fail(here: ddp.Distributed, error: Exception, code: int, every_rank_alike: bool) -> int:
+    """Log ``error`` in one line and hand it to torchrun; an error that every rank meets alike (a setting, a
+    diverged loss, which all ranks share) is said by rank 0 alone."""
+    if here.is_main or not every_rank_alike:
+        log.error("error: %s", error)
+        ddp.record_failure(f"[rank {here.rank}] error: {error}")
+    return code
+
+
+def run(args: argparse.Namespace, here: ddp.Distributed) -> int:
     if args.push and not args.repo_id:
-        log.error("error: --push needs --repo-id USER/NAME")
-        return 2
+        return fail(here, TrainingError("--push needs --repo-id USER/NAME"), 2, every_rank_alike=True)
     try:
         config, named = config_from_args(args)
-        trainer = Trainer(config, args.out_dir, resume=args.resume, named=named)
+    except TrainingError as error:
+        return fail(here, error, 2, every_rank_alike=True)
+    try:
+        trainer = Trainer(config, args.out_dir, resume=args.resume, named=named, distributed=here)
         trainer.fit()
+        if not here.is_main:  # rank 0 alone tunes, tests, writes the model and pushes; torchrun waits for it
+            return 0
         model_dir = trainer.write_final_model()
     except NonFiniteLoss as error:
-        log.error("error: %s", error)
-        return 1
+        return fail(here, error, 1, every_rank_alike=True)
     except (TrainingError, DatasetError, ReadError) as error:
-        log.error("error: %s", error)
-        return 2
+        return fail(here, error, 2, every_rank_alike=False)
     if args.push:
         from unet.push import push_model
 
@@ -177,5 +222,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # last.pt is at most --checkpoint-every steps old
-        log.error("interrupted: the same command with --resume goes on from OUT_DIR/last.pt, where there is one")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the Ctrl-C: one says it
+            log.error("interrupted: the same command with --resume goes on from OUT_DIR/last.pt, where there is one")
         sys.exit(130)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from PIL import Image
 
 import app
 from unet import examples as app_examples
-from unet import render, uploads
+from unet import render, uploads, viewer
 from unet.evaluation import frame_masks
 from unet.model import UNet
 from unet.processing import Postprocessing, Preprocessing
@@ -457,17 +458,19 @@ def model_with_test_split(folder: Path, patients: list[str]) -> Path:
 
 
 def test_gallery_label_says_where_the_examples_come_from(serving, synthetic_dir, tmp_path):
-    def gallery_label(serving, examples_dir) -> str:
-        demo = app.build_demo(serving, examples_dir)
-        return next(
-            b.label for b in demo.blocks.values() if isinstance(b, app.gr.Gallery) and b.label.startswith("…or click")
-        )
+    def gallery_label(serving, examples_dir, synthetic=False) -> str:
+        demo = app.build_demo(serving, examples_dir, synthetic)
+        label = next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "examples-label")
+        return label.replace("**", "")
 
     patients = sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir())[:3]
     tested = load_for_serving(str(model_with_test_split(tmp_path / "model", patients)))
     expected = f"…or click an example (from {synthetic_dir.parent.name} · slices of its test patients)"
     assert gallery_label(tested, synthetic_dir.parent) == expected
-    assert gallery_label(serving, None) == "…or click an example (synthetic, not real MRI)"
+    assert (
+        gallery_label(serving, None) == "…or click an example (published with the model · slices of its test patients)"
+    )
+    assert gallery_label(serving, None, synthetic=True) == "…or click an example (synthetic, not real MRI)"
 
 
 def test_volume_tab_says_when_the_model_keeps_the_largest_3d_component(serving, monkeypatch):
@@ -483,7 +486,7 @@ def test_volume_tab_says_when_the_model_keeps_the_largest_3d_component(serving, 
 
 
 def test_examples_from_the_project_are_synthetic(serving, tmp_path):
-    folder, source, synthetic = app_examples.choose_examples(serving, None)
+    folder, source, synthetic = app_examples.choose_examples(serving, None, synthetic=True)
     assert folder == app_examples.PROJECT_EXAMPLES_DIR and synthetic and "synthetic" in source
     examples, from_test_patients = app_examples.prepare_examples(folder, tmp_path, synthetic)
     assert [e.caption for e in examples] == ["Tumor 1", "Tumor 2", "Healthy 1", "Healthy 2"] and not from_test_patients
@@ -628,7 +631,7 @@ def test_a_session_keeps_large_maps_as_float16_and_small_ones_exactly(segmenter)
         session = outputs[-1]
         assert session.prob.dtype == kept and session.prob.shape == image.shape[:2]
         # the slider's redraw from what the session keeps says what the first answer said
-        assert events.show_single(session, 0.5)[1] == outputs[4]
+        assert events.show_single(session, 0.5)[2] == outputs[3]
     events.work.remove()
 
 
@@ -818,3 +821,115 @@ def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path
     with ThreadPoolExecutor(8) as pool:
         masks = list(pool.map(three_masks, clients))
     assert all(np.array_equal(m, masks[0][0]) for per_client in masks for m in per_client)
+
+
+# --- the reader's view, Dice for your own slice, the volume viewer (issue 27) -------------------------------
+
+
+def test_the_view_shows_flair_in_grayscale_and_colours_agreement():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 120, 200
+    mask, reference = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    mask[4:12, 4:20], reference[4:12, 12:28] = True, True  # hits at columns 12-19, FP 4-11, misses 20-27
+    plain = viewer.draw_view(image, np.zeros_like(mask))
+    assert (plain == 120).all()  # FLAIR, gray, untouched where nothing is predicted
+    assert (viewer.draw_view(image, np.zeros_like(mask), channel="Composite (R, G, B)") == image).all()
+    view = viewer.draw_view(image, mask, reference, opacity=1.0)
+    assert tuple(view[8, 15]) == viewer.HIT and tuple(view[8, 7]) == viewer.FALSE_POSITIVE
+    assert tuple(view[8, 24]) == viewer.MISS and tuple(view[20, 20]) == (120, 120, 120)
+    half = viewer.draw_view(image, mask, None, opacity=0.5)
+    assert tuple(half[8, 8]) == tuple(round(120 * 0.5 + c * 0.5) for c in viewer.PREDICTION)
+    outline = viewer.draw_view(image, mask, reference, style="Outline")
+    assert tuple(outline[8, 8]) == (120, 120, 120) and tuple(outline[4, 8]) == viewer.PREDICTION
+    assert "miss" in viewer.legend_html(True) and "miss" not in viewer.legend_html(False)
+
+
+def test_the_probability_map_has_a_colour_bar_with_the_threshold():
+    prob = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    picture = viewer.probability_with_colorbar(prob, 0.5)
+    assert picture.shape == (64, 64 + viewer.BAR_WIDTH, 3) and picture.dtype == np.uint8
+    assert np.array_equal(picture[:, :64], render.probability_image(prob))
+    bar = picture[:, 64 + 6 : 64 + 20]
+    assert bar[8, 5].sum() > bar[-8, 5].sum()  # bright (1) at the top, dark (0) at the bottom
+
+
+def test_a_slice_dropped_with_its_mask_is_paired_by_name():
+    assert viewer.pair_slice_and_mask(["/u/X.tif", "/u/X_mask.tif"]) == ("/u/X.tif", "/u/X_mask.tif")
+    assert viewer.pair_slice_and_mask(["/u/X.tif"]) == ("/u/X.tif", None)
+    assert viewer.pair_slice_and_mask(["/u/X.tif", "/u/X_mask.tif"], "/r/ref.png")[1] == "/r/ref.png"
+    with pytest.raises(ReadError, match="not the mask of X.tif"):
+        viewer.pair_slice_and_mask(["/u/X.tif", "/u/Y_mask.tif"])
+    with pytest.raises(ReadError, match="drop one slice"):
+        viewer.pair_slice_and_mask(["/u/X.tif", "/u/Y.tif"])
+
+
+def test_your_own_slice_gets_dice_from_its_mask(segmenter, phantom):
+    path, mask_path, _ = phantom
+    events = app.Events(segmenter, uploads.WorkFolder(), [])
+    outputs = events.on_upload([str(path), str(mask_path)], None, None, 0.5, "FLAIR", "Filled", 0.45)
+    summary, legend, session = outputs[6], outputs[7], outputs[-1]
+    assert "Dice against the reference mask" in summary and "miss" in legend and session.reference is not None
+    assert outputs[0] == [str(path), str(mask_path)]  # the upload box keeps its files, and their names
+    dice_value = float(re.search(r"Dice against the reference mask: ([\d.]+)", summary).group(1))
+    assert dice_value > 0.7
+    # a reference added afterwards, then removed
+    # a new drop adds to what the box shows: only the new file is read
+    other = path.with_name("other.png")
+    shutil.copy(path, other)
+    alone = events.on_upload([str(path), str(mask_path), str(other)], None, session, 0.5, "FLAIR", "Filled", 0.45)
+    assert alone[0] == [str(other)] and "other" in alone[6]
+    assert "Dice" not in alone[6]
+    added = events.on_reference(alone[-1], str(mask_path), 0.5, "FLAIR", "Filled", 0.45)
+    assert f"{dice_value:.3f}" in added[2] and added[-1].reference is not None
+    assert "Dice" not in events.on_reference(added[-1], None, 0.5, "FLAIR", "Filled", 0.45)[2]
+    events.work.remove()
+
+
+def test_the_volume_viewer_opens_on_the_slice_with_most_tumor(segmenter, tmp_path):
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 4):
+        image, mask = phantom_slice(rng, 128, 1.0 + (n == 3), tumor=n in (2, 3))
+        Image.fromarray(image).save(tmp_path / f"P_{n}.png")
+        Image.fromarray(mask).save(tmp_path / f"P_{n}_mask.png")
+    events = app.Events(segmenter, uploads.WorkFolder(), [])
+    paths = [str(p) for p in sorted(tmp_path.iterdir())]
+    box, summary, chart, download, scrubber, axial, caption, coronal, sagittal, session = events.on_volume(
+        paths, 0.5, "FLAIR", progress=lambda *a, **k: None
+    )
+    assert box == paths and session.files == paths
+    areas = [int(m.sum()) for m in session.masks]
+    assert scrubber.value == int(np.argmax(areas)) + 1 and scrubber.maximum == 4
+    assert caption.startswith(f"Slice {scrubber.value} of 4 (") and "Dice" in caption
+    assert set(chart["series"]) == {"predicted", "reference"} and len(chart) == 8
+    assert Image.open(coronal).size[0] == 128 and Image.open(axial).size == (128, 128)
+    assert download.endswith("_masks.zip")
+    moved = events.on_scrub(session, 1, "Composite (R, G, B)")
+    assert moved[1].startswith("Slice 1 of 4 (1): ")
+    again = events.on_volume_threshold(session, 0.9, "FLAIR", 1)
+    assert again[5].startswith("Slice 1 of 4")  # a new threshold keeps the scrubber where it is
+    events.work.remove()
+
+
+def test_the_area_chart_stays_a_line_at_200_slices():
+    chart = viewer.area_frame([str(k) for k in range(200)], list(range(200)), [0] * 200)
+    assert len(chart) == 400 and chart["slice"].max() == 200 and chart["slice"].dtype.kind == "i"
+
+
+def test_segment_volume_endpoint_function_returns_a_nifti_on_the_inputs_grid(segmenter, tmp_path):
+    import nibabel as nib
+
+    volume = np.zeros((64, 64, 6), np.float32)
+    volume[16:48, 16:48, :] = 300.0
+    volume[28:36, 28:36, 2:4] = 900.0
+    affine = np.diag([-1.5, 1.5, 4.0, 1.0])  # LAS, as many scanners write
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "case.nii.gz")
+    events = app.Events(segmenter, uploads.WorkFolder(), [])
+    mask_path, summary = events.api_segment_volume([str(tmp_path / "case.nii.gz")], 0.5)
+    written = nib.load(mask_path)
+    assert mask_path.endswith("case_mask.nii.gz") and np.array_equal(written.affine, affine)
+    assert written.shape == volume.shape and summary["voxel_size_mm"] == [1.5, 1.5, 4.0]
+    assert summary["tumor_volume_ml"] == pytest.approx(summary["tumor_voxels"] * 9.0 / 1000, abs=1e-3)
+    with pytest.raises(app.gr.Error, match="2D"):
+        nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), affine), tmp_path / "flat.nii")
+        events.api_segment_volume([str(tmp_path / "flat.nii")], None)
+    events.work.remove()

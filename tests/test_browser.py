@@ -32,7 +32,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOT = Path("/tmp/brain-mri-app.png")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "images"  # app.png is the README's
+EXAMPLES = SHIPPED_MODEL_DIR / "examples"
 TIMEOUT_MS = 60_000
 
 
@@ -108,16 +109,31 @@ def test_single_slice_flow(page, tmp_path):
     expect(page.get_by_text("not for clinical use").first).to_be_visible()
     expect(page.locator("#model-info")).to_contain_text("Model:")
 
-    # One click on the first (tumor) example: overlay, probability map and Dice against its mask.
+    # One click on the first (tumor) example, a real test-patient slice: overlay, probability map, Dice, legend.
     page.locator("#examples button.thumbnail-item").first.click()
     expect(overlay).to_be_visible()
     expect(page.locator("#probability img")).to_be_visible()
     expect(summary).to_contain_text("Dice against the reference mask")
-    expect(summary).to_contain_text("synthetic")
+    expect(summary).not_to_contain_text("synthetic")
+    expect(page.locator("#legend")).to_contain_text("false positive")
+    page.screenshot(path=str(SCREENSHOTS / "app.png"), full_page=True)
+
+    # Your own slice with its mask, dropped together: paired by name and scored; the example is deselected.
+    tumor = sorted(EXAMPLES.glob("*_tumor.png"))[0]
+    page.locator("#upload input[type=file]").set_input_files(
+        [str(tumor), str(tumor.with_name(f"{tumor.stem}_mask.png"))]
+    )
+    expect(summary).to_contain_text(tumor.stem)
+    expect(summary).to_contain_text("Dice against the reference mask")
+    expect(page.locator("#examples button.thumbnail-item.selected")).to_have_count(0)
+    expect(page.locator("#upload")).to_contain_text(tumor.stem)  # the box keeps the file's name
+    page.locator("#style label", has_text="Outline").click()
+    expect(page.locator("#legend")).to_contain_text("outline")
+    page.screenshot(path=str(SCREENSHOTS / "app-own-slice-with-mask.png"), full_page=True)
 
     # Upload a TIFF: it is previewed as PNG and segmented.
     page.locator("#upload input[type=file]").set_input_files(str(files["tiff"]))
-    expect(summary).not_to_contain_text("synthetic")
+    expect(summary).not_to_contain_text("Dice")
     expect(page.locator("#preview img")).to_have_attribute("src", re.compile(r"\.png"))
     expect(overlay).to_have_attribute("src", re.compile(r"\.png"))
 
@@ -142,8 +158,6 @@ def test_single_slice_flow(page, tmp_path):
     mask = Image.open(mask_path)
     assert mask.format == "PNG" and mask.size == (256, 256) and download.value.suggested_filename.endswith("_mask.png")
 
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-
     # A text file: a one-line message in the page, and the app keeps working.
     page.locator("#upload input[type=file]").set_input_files(str(files["text"]))
     expect(summary).to_contain_text("not an image")
@@ -158,8 +172,48 @@ def test_volume_flow(page, tmp_path):
 
     files = uploads(tmp_path)
     page.get_by_role("tab", name=re.compile("Volume")).click()
+    caption, summary = page.locator("#volume-caption"), page.locator("#volume-summary")
+    # The example patient, one click away: it opens on the slice with the most tumor.
+    page.locator("#volume-example").click()
+    expect(summary).to_contain_text("Dice against the reference masks")
+    expect(caption).to_contain_text(re.compile(r"Slice \d+ of 24"))
+    expect(caption).not_to_contain_text("Slice 1 of 24")
+    expect(page.locator("#volume-plot")).to_be_visible()
+    page.screenshot(path=str(SCREENSHOTS / "app-volume-viewer.png"), full_page=True)
+    # Scrub to the first slice: the view and its caption follow.
+    page.locator("#volume-scrubber input[type=range]").fill("1")
+    expect(caption).to_contain_text("Slice 1 of 24")
+
+    # A NIfTI volume (FLAIR only) in, its mask out as .nii.gz on the same grid.
+    flair = sorted((EXAMPLES / "volume").glob("*_flair.nii.gz"))[0]
+    page.locator("#volume-upload input[type=file]").set_input_files(str(flair))
+    expect(summary).to_contain_text("mL")
+    expect(summary).to_contain_text("FLAIR stands in")
+    with page.expect_download() as download:
+        page.locator("#volume-download a").first.click()
+    assert download.value.suggested_filename.endswith("_mask.nii.gz")
+    download.value.save_as(tmp_path / "mask.nii.gz")
+    import nibabel as nib
+
+    assert nib.load(tmp_path / "mask.nii.gz").shape == nib.load(flair).shape
+    page.screenshot(path=str(SCREENSHOTS / "app-nifti.png"), full_page=True)
+
+    # Slices in a zip, with their masks.
     page.locator("#volume-upload input[type=file]").set_input_files(str(files["zip"]))
-    expect(page.locator("#volume-summary")).to_contain_text("Dice against the reference masks")
-    expect(page.locator("#volume-gallery button.thumbnail-item")).to_have_count(3)
-    expect(page.locator("#volume-gallery")).to_contain_text("2: ")
-    page.screenshot(path=str(SCREENSHOT.with_name("brain-mri-app-volume.png")), full_page=True)
+    expect(caption).to_contain_text("of 3")
+
+
+def test_usable_at_420_px(browser, app_url):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 420, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    thumbnails = page.locator("#examples button.thumbnail-item")
+    expect(thumbnails.first).to_be_visible()
+    for index in range(thumbnails.count()):  # no example is cut off at the right edge
+        box = thumbnails.nth(index).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 420 + 1
+    page.screenshot(path=str(SCREENSHOTS / "app-420px.png"), full_page=True)
+    context.close()

@@ -45,8 +45,15 @@ def test_shipped_folder_is_the_hub_layout_and_small():
     ):
         assert (SHIPPED_MODEL_DIR / name).is_file(), name
     assert (SHIPPED_MODEL_DIR / "model.safetensors").stat().st_size <= 32 * 1024 * 1024
-    # no dataset slices are shipped with the model: examples of real scans live only on the Hub
-    assert not (SHIPPED_MODEL_DIR / "examples").exists()
+    # the only dataset files shipped: examples of the model's own test patients, small, with their NOTICE
+    examples = SHIPPED_MODEL_DIR / "examples"
+    files = [p for p in examples.rglob("*") if p.is_file()]
+    assert (examples / "NOTICE").is_file() and "CC BY-NC-SA 4.0" in (examples / "NOTICE").read_text()
+    assert sum(p.stat().st_size for p in files) <= 4 * 2**20
+    test_patients = recorded()["splits"]["test"]
+    data_files = [p for p in files if p.name != "NOTICE"]
+    assert len([p for p in data_files if p.suffix == ".png" and not p.stem.endswith("_mask")]) == 5
+    assert data_files and all(any(p.name.startswith(f"{patient}_") for patient in test_patients) for p in data_files)
     card = ModelCard.load(SHIPPED_MODEL_DIR / "README.md")
     assert card.data.pipeline_tag == "image-segmentation"
     metrics = recorded()

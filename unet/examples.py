@@ -100,8 +100,12 @@ def prepare_examples(
     return examples, from_held_out
 
 
-def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> tuple[Path, str, bool]:
-    """(folder, where it came from, synthetic): --examples, else the model's, else the project's."""
+def choose_examples(
+    serving: ServingModel, examples_dir: str | Path | None, synthetic: bool = False
+) -> tuple[Path, str, bool]:
+    """(folder, where it came from, synthetic): --synthetic, else --examples, else the model's, else the project's."""
+    if synthetic:
+        return PROJECT_EXAMPLES_DIR, SYNTHETIC_SOURCE, True
     if examples_dir:
         folder = Path(examples_dir)
         if not folder.is_dir():
@@ -112,9 +116,11 @@ def choose_examples(serving: ServingModel, examples_dir: str | Path | None) -> t
     return PROJECT_EXAMPLES_DIR, SYNTHETIC_SOURCE, True
 
 
-def load_examples(serving: ServingModel, examples_dir: str | Path | None, out_dir: Path) -> tuple[list[Example], str]:
+def load_examples(
+    serving: ServingModel, examples_dir: str | Path | None, out_dir: Path, synthetic: bool = False
+) -> tuple[list[Example], str]:
     """The gallery's examples, written to ``out_dir``, and a label that says where they come from."""
-    folder, source, synthetic = choose_examples(serving, examples_dir)
+    folder, source, synthetic = choose_examples(serving, examples_dir, synthetic)
     try:
         held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
     except DatasetError as error:  # the model still serves; only the choice of examples needs the record
@@ -129,3 +135,61 @@ def load_examples(serving: ServingModel, examples_dir: str | Path | None, out_di
         examples, _ = prepare_examples(PROJECT_EXAMPLES_DIR, out_dir, True)
     log.info("%d examples %s", len(examples), source)
     return examples, source
+
+
+def example_volume(model_dir: Path) -> list[Path]:
+    """The example patient's NIfTI files shipped in ``<model>/examples/volume/`` (FLAIR, pre- and post-contrast
+    and the reference mask), or [] where the model has none."""
+    folder = Path(model_dir) / "examples" / "volume"
+    return sorted(folder.glob("*.nii.gz")) if folder.is_dir() else []
+
+
+NOTICE_TEXT = """Example data: the slices and the volume in this folder come from the LGG MRI Segmentation dataset
+(Buda et al., "Association of genomic subtypes of lower-grade gliomas with shape features automatically
+extracted by a deep learning algorithm", Computers in Biology and Medicine, 2019;
+https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation), built from TCGA-LGG images of The Cancer
+Imaging Archive (TCIA). They are slices of patients in this model's test split ({patients}), which it never
+trained on: {count} PNG slices (RGB = pre-contrast, FLAIR, post-contrast, as in the dataset) with their
+reference masks (_mask.png, 0/255), and patient {volume_patient} as NIfTI volumes (volume/*_flair, _pre, _post,
+_mask .nii.gz; the dataset gives no voxel spacing, so the volumes carry a nominal 1 mm grid and their mL are
+nominal too).
+
+License: as distributed, CC BY-NC-SA 4.0 per the dataset's Kaggle page (not confirmed by the authors here). The
+TCIA Data Usage Policy applies to the underlying images (cite the dataset and TCIA). Non-commercial research and
+demonstration use only; not for clinical use.
+
+Written by unet.examples.write_model_examples from the kaggle_3m folder.
+"""
+
+
+def write_model_examples(data_dir: Path, model_dir: Path, volume_patient: str | None = None) -> list[Path]:
+    """Ship examples with a model: `example_slices` of its test patients (as `unet.push.write_examples` writes
+    them), one whole test patient as NIfTI (the smallest with tumor unless named), and a NOTICE."""
+    import nibabel as nib
+
+    from unet.nifti import from_axial_slices
+    from unet.push import write_examples
+    from unet.reader import read_image
+
+    test = (recorded_metrics(model_dir).get("splits") or {}).get("test") or []
+    df = scan_dataset(data_dir, check_images=False)
+    df = df[df["patient"].isin(test)]
+    if df.empty:
+        raise DatasetError(f"none of the model's test patients are in {data_dir}")
+    folder = model_dir / "examples"
+    stems = write_examples(example_slices(df), folder)
+    if volume_patient is None:
+        sizes = df[df.groupby("patient")["has_tumor"].transform("any")].groupby("patient").size()
+        volume_patient = str(sizes.idxmin())
+    rows = df[df["patient"] == volume_patient].sort_values("slice")
+    images = np.stack([read_image(p) for p in rows["image_path"]])
+    masks = np.stack([read_mask(p) for p in rows["mask_path"]]).astype(np.uint8)
+    (folder / "volume").mkdir(exist_ok=True)
+    for role, stack in (("pre", images[..., 0]), ("flair", images[..., 1]), ("post", images[..., 2]), ("mask", masks)):
+        nib.save(
+            nib.Nifti1Image(from_axial_slices(stack), np.eye(4)), folder / "volume" / f"{volume_patient}_{role}.nii.gz"
+        )
+    patients = sorted({stem.rsplit("_", 2)[0] for stem in stems} | {volume_patient})
+    notice = NOTICE_TEXT.format(patients=", ".join(patients), count=len(stems), volume_patient=volume_patient)
+    (folder / "NOTICE").write_text(notice)
+    return sorted(p for p in folder.rglob("*") if p.is_file())

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_SIDE = 4096  # pixels per side; a larger image is refused from its header, before it is decoded
+MAX_DECODED_BYTES = MAX_SIDE * MAX_SIDE * 3 * 4  # a float32 colour image at full size; float64 only below it
 # OpenCV reads this once, before its first decode: it then refuses an image over MAX_SIDE x MAX_SIDE before
 # allocating it, so a small compressed file cannot claim gigabytes.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_SIDE * MAX_SIDE))
 
 import cv2  # noqa: E402  (after the pixel limit above)
 import numpy as np  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError  # noqa: E402
 
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")  # Pillow's names: the allow-list
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -66,6 +67,7 @@ def read_slice(source: str | Path | bytes, name: str | None = None) -> Slice:
     except UnidentifiedImageError:
         if not data.startswith(TIFF_SIGNATURES):
             raise ReadError(f"{name}: not an image this app reads (PNG, JPEG, TIFF, BMP or WebP)") from None
+        _refuse_wide_tiff(data, name)
         array = _opencv_decode(data, name, notes)  # e.g. a float colour TIFF
     except (OSError, ValueError, SyntaxError) as error:
         raise ReadError(f"{name}: the image is corrupt or truncated ({_first_line(error)})") from None
@@ -119,21 +121,41 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        image = image[..., :3]
+    elif image.ndim != 2:
+        raise ValueError(f"expected a grayscale, RGB or RGBA image, got an array of shape {image.shape}")
+    if image.dtype != np.uint8:
+        image = _rescaled_uint8(image)  # before gray is repeated: a third of the work and of the memory
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected a grayscale, RGB or RGBA image, got an array of shape {image.shape}")
-    image = image[..., :3]
-    if image.dtype == np.uint8:
-        return np.ascontiguousarray(image)
-    scaled = image.astype(np.float32)  # one float32 copy, converted in place from here
-    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(scaled.min()), float(scaled.max())
+    return np.ascontiguousarray(image)
+
+
+def _rescaled_uint8(image: np.ndarray) -> np.ndarray:
+    """16-bit or float pixels -> uint8 by their own finite range (NaN and infinities count as 0), one band at a
+    time in float32: a 4096 x 4096 float64 RGB image needs one 64 MB band beside it, not a float32 copy of all."""
+    bands = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[2])]
+
+    def as_float32(band: np.ndarray) -> np.ndarray:
+        values = band.astype(np.float32)
+        return np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+    ranges = [(float(v.min()), float(v.max())) for v in map(as_float32, bands)]
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    out = np.zeros(image.shape, np.uint8)
     if not high > low:
-        return np.zeros(scaled.shape, np.uint8)
-    scaled -= low
-    scaled *= 255.0 / (high - low)
-    return np.rint(scaled, out=scaled).astype(np.uint8)
+        return out
+    for c, band in enumerate(bands):
+        values = as_float32(band)
+        values -= low
+        values *= 255.0 / (high - low)
+        np.rint(values, out=values)
+        if image.ndim == 2:
+            out[...] = values
+        else:
+            out[..., c] = values
+    return out
 
 
 def _bytes_of(source: str | Path | bytes, name: str | None) -> tuple[bytes, str]:
@@ -177,11 +199,35 @@ def _opencv_decode(data: bytes, name: str, notes: list[str]) -> np.ndarray:
     stored = array.dtype
     if array.ndim == 3 and array.shape[2] == 4:
         scale = np.float32(np.iinfo(stored).max if stored.kind in "ui" else 1.0)
-        array = array[..., :3].astype(np.float32) * (array[..., 3:] / scale)
+        rgb = array[..., :3].astype(np.float32)
+        rgb *= array[..., 3:] / scale  # in place: one float32 copy of the colours, not two
+        array = rgb
         notes.append("transparency flattened onto black")
     if stored != np.uint8:
         notes.append(_rescaled_note(sixteen_bit=stored == np.uint16))
     return array[..., 2::-1] if array.ndim == 3 and array.shape[2] >= 3 else array  # BGR -> RGB
+
+
+def _refuse_wide_tiff(data: bytes, name: str) -> None:
+    """A TIFF whose pixels would take more than MAX_DECODED_BYTES, refused from its first directory: OpenCV decodes
+    a TIFF through a buffer as large as the image, so a 4096 x 4096 float64 colour file would hold 800 MB."""
+    try:
+        tags = TiffImagePlugin.ImageFileDirectory_v2(ifh=data[:8])  # byte order and first directory's offset
+        source = io.BytesIO(data)
+        source.seek(tags.next)
+        tags.load(source)
+        width, height = int(tags.get(256, 0)), int(tags.get(257, 0))
+        bits = tags.get(258, (1,))
+        bits = max(bits) if isinstance(bits, tuple) else int(bits)
+        samples = int(tags.get(277, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return  # no readable directory: OpenCV refuses it in one line
+    _refuse_oversize(name, width, height)
+    if width * height * samples * bits // 8 > MAX_DECODED_BYTES:
+        raise ReadError(
+            f"{name}: {width}x{height} pixels of {samples} x {bits}-bit samples take more than "
+            f"{MAX_DECODED_BYTES // 2**20} MB to decode; save it at 32 bits or fewer"
+        )
 
 
 def _refuse_oversize(name: str, width: int, height: int) -> None:

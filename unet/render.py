@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 
 from unet.metrics import dice, pixel_counts
+from unet.nifti import NiftiVolume, is_nifti_name, read_nifti_volume
 from unet.reader import ReadError, read_slice
 from unet.segmenter import Segmenter
-from unet.uploads import read_reference, read_upload
+from unet.uploads import read_reference, read_upload, read_volume
 
 BACKGROUND_LEVEL = 8  # a pixel whose brightest channel is above this counts as brain (not background)
 PRED_COLOR = (255, 40, 40)  # red: predicted tumor (fill and outline)
@@ -46,9 +47,9 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
 
 def draw_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """The slice with the predicted tumor filled and outlined in red (reference outlined in blue)."""
-    out = image.astype(np.float32)
-    out[mask] = out[mask] * (1 - FILL_ALPHA) + np.array(PRED_COLOR, np.float32) * FILL_ALPHA
-    out = np.ascontiguousarray(out.round().astype(np.uint8))
+    out = np.array(image, np.uint8, order="C")  # only the tumor's pixels are blended: no float copy of the slice
+    blended = image[mask].astype(np.float32) * (1 - FILL_ALPHA) + np.array(PRED_COLOR, np.float32) * FILL_ALPHA
+    out[mask] = blended.round().astype(np.uint8)
     thickness = max(1, round(max(image.shape[:2]) / 256))
     for outline, color in ((mask, PRED_COLOR), (reference, REF_COLOR)):
         if outline is not None and outline.any():
@@ -108,7 +109,7 @@ def summary_markdown(summary: dict, notes: Sequence[str] = (), synthetic: bool =
     if "dice" in summary:
         both_empty = summary["reference_pixels"] == 0 and not summary["tumor_found"]
         text += f"\n\n**Dice against the reference mask: {summary['dice']:.3f}**" + (
-            " (no tumor in either)" if both_empty else " (blue outline: reference)"
+            " (no tumor in either)" if both_empty else " (cyan outline: reference)"
         )
     if name:
         shown = name.replace("`", "'")
@@ -199,9 +200,11 @@ def volume_result(
     images: Sequence[np.ndarray],
     probs: Sequence[np.ndarray],
     references: dict[str, np.ndarray],
+    draw: bool = True,
 ) -> VolumeResult:
     """Masks of every slice with the segmenter's post-processing (the 3D step included), the gallery of
-    overlays with their captions, and the volume's summary."""
+    overlays with their captions (unless ``draw`` is False: the page's viewer draws one slice at a time), and the
+    volume's summary."""
     masks, step, removed = volume_masks(segmenter, probs)
     gallery, counts = [], []
     tumor_total = brain_total = 0
@@ -211,7 +214,8 @@ def volume_result(
         if reference is not None:
             counts.append(pixel_counts(mask[None], reference[None])[0])
             caption += f" · Dice {float(dice(*counts[-1])):.2f}"
-        gallery.append((draw_overlay(image, mask, reference), caption))
+        if draw:
+            gallery.append((draw_overlay(image, mask, reference), caption))
         tumor_total += int(mask.sum())
         brain_total += int((brain_mask(image) | mask).sum())
     areas = [int(m.sum()) for m in masks]
@@ -252,12 +256,54 @@ def volume_markdown(summary: dict) -> str:
         )
     elif step != "off":
         text += f"\n\nThe model's largest-3D-component step was {step}."
+    if "tumor_volume_ml" in summary:
+        spacing = " x ".join(f"{z:g}" for z in summary["voxel_size_mm"])
+        text += (
+            f"\n\n**Tumor volume: {summary['tumor_volume_ml']:.2f} mL** ({summary['tumor_voxels']:,} voxels of "
+            f"{spacing} mm)"
+        )
     if "dice" in summary:
         text += (
             f"\n\n**Dice against the reference masks (whole volume, {summary['references']} slices): "
             f"{summary['dice']:.3f}**"
         )
     return text
+
+
+@dataclass
+class LoadedVolume:
+    """One patient's slices from image files, a zip or NIfTI, in slice order, with their reference masks."""
+
+    names: list[str]
+    images: list[np.ndarray]
+    references: dict[str, np.ndarray]
+    nifti: NiftiVolume | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_volume(paths: Sequence[str | Path]) -> LoadedVolume:
+    """Uploaded files -> `LoadedVolume`: NIfTI files (``.nii``/``.nii.gz``, see `unet.nifti`), or image slices
+    and zips (see `unet.uploads.read_volume`); the two are not mixed."""
+    paths = [Path(p) for p in paths]
+    niftis = [p for p in paths if is_nifti_name(p.name)]
+    if not niftis:
+        volume = read_volume(paths)
+        return LoadedVolume(volume.names, volume.images, volume.references)
+    if len(niftis) != len(paths):
+        raise ReadError("NIfTI volumes and image slices were uploaded together; upload one kind")
+    nifti = read_nifti_volume(niftis)
+    names = [f"{nifti.name}_{k + 1}" for k in range(len(nifti.images))]
+    references = {} if nifti.reference is None else dict(zip(names, nifti.reference))
+    return LoadedVolume(names, nifti.images, references, nifti, list(nifti.notes))
+
+
+def add_volume_units(summary: dict, nifti: NiftiVolume | None) -> dict:
+    """A NIfTI volume's summary also gives voxels and millilitres (from its voxel spacing)."""
+    if nifti is not None:
+        summary["tumor_voxels"] = summary["tumor_pixels"]
+        summary["voxel_size_mm"] = [round(z, 4) for z in nifti.spacing]
+        summary["tumor_volume_ml"] = round(summary["tumor_pixels"] * nifti.voxel_ml, 3)
+    return summary
 
 
 def card_body(model_dir: Path) -> str:

@@ -8,6 +8,10 @@ A run folder holds ``last.pt`` (a `Checkpoint`: everything needed to resume, wri
 ``checkpoint_every`` steps), ``best/`` (the best validation epoch as a segmenter folder), ``history.csv``,
 ``curves.png`` and, at the end, ``model/``: the kept epoch with the post-processing tuned on validation, its
 metrics.json, curves and model card. ``train.py`` is the command line of this module.
+
+Under ``torchrun`` (`unet.distributed`) one model trains with DistributedDataParallel: ``batch_size`` is the global
+batch, each rank taking its share of every global batch of the one-process sample order; rank 0 alone reads and
+writes the run folder, validates and writes the final model.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
 from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
 from unet.device import autocast_for, machine_description, pick_device, precision_name
+from unet.distributed import SINGLE, Distributed
 from unet.evaluation import evaluate, with_and_without_volume_step
 from unet.losses import BCEDiceLoss
 from unet.metrics import json_safe
@@ -48,7 +54,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg_subset"
 # What a resume may change: the run's length and the machine, including where the data lies on it. Everything
 # else (data, split, model, recipe) is fixed by the run's first start.
-RUN_CONTROL_FIELDS = ("epochs", "patience", "workers", "device", "data_dirs")
+# sync_batchnorm is the machine's too: a run may resume with another number of processes.
+RUN_CONTROL_FIELDS = ("epochs", "patience", "workers", "device", "data_dirs", "sync_batchnorm")
 # Settings only an experiment changes: train.py takes them from a --config file, not as flags.
 CONFIG_FILE_FIELDS = (
     "weight_decay",
@@ -93,7 +100,7 @@ class TrainConfig:
     upsampling: str = "transpose"
     epochs: int = 60
     steps_per_epoch: int | None = None  # default: one pass over the training slices
-    batch_size: int = 8
+    batch_size: int = 8  # the global batch: under torchrun each of N processes takes batch_size / N
     lr: float = 1e-3  # AdamW's peak
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
@@ -106,6 +113,7 @@ class TrainConfig:
     workers: int = 0
     seed: int = 42
     checkpoint_every: int = 50  # steps
+    sync_batchnorm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
     consider_tta: bool = False  # let tuning try flip test-time augmentation
 
     def __post_init__(self) -> None:
@@ -320,7 +328,7 @@ def epoch_indices(has_tumor: np.ndarray, tumor_fraction: float, num_samples: int
 
 
 def train_step(
-    model: UNet,
+    model: torch.nn.Module,
     images: torch.Tensor,
     masks: torch.Tensor,
     loss_fn: torch.nn.Module,
@@ -451,7 +459,8 @@ class Trainer:
     """One run in ``out_dir``: started fresh, or resumed from its ``last.pt``.
 
     ``named`` are the settings the user set (on the command line or in a config file); on resume only the
-    run-control ones among them change the run (`resumed_config`).
+    run-control ones among them change the run (`resumed_config`). ``distributed`` is this process's place in a
+    torchrun run (`unet.distributed.start`); `SINGLE` for a plain one-process run.
     """
 
     def __init__(
@@ -460,23 +469,18 @@ class Trainer:
         out_dir: str | Path,
         resume: bool = False,
         named: set[str] | frozenset[str] = frozenset(),
+        distributed: Distributed = SINGLE,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.checkpoint_path = self.out_dir / "last.pt"
-        state = self._read_checkpoint(resume)
-        self.config = (
-            resumed_config(TrainConfig.from_dict(state.config, str(self.checkpoint_path)), config, named)
-            if state
-            else config
-        )
-        try:
-            self.device = pick_device(self.config.device)
-        except ValueError as error:  # its message names --device
-            raise TrainingError(str(error)) from None
+        self.distributed = distributed
+        # Rank 0 alone reads the run folder, the checkpoint and the data index; the other ranks are handed what it
+        # found, so they never touch the run folder (another node need not see it) and all start from one state.
+        # Should rank 0 fail here, the others wait in the broadcast until torchrun stops them.
+        found = self._read_run(config, resume, named) if distributed.is_main else None
+        self.config, self.splits, self.frames, self.preprocessing, state = distributed.broadcast(found)
+        self.device = self._device(self.config)
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # one input size: pick the fastest kernels once
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.splits, self.frames = load_frames(self.config, self.out_dir, state.splits if state else None)
-        self.preprocessing = self._recorded_preprocessing(state) if state else self._measure_preprocessing()
         self.state = state or Checkpoint(self.config.as_dict(), self.splits, dataclasses.asdict(self.preprocessing))
         self.state.config, self.state.preprocessing = self.config.as_dict(), dataclasses.asdict(self.preprocessing)
         self._build()
@@ -484,9 +488,51 @@ class Trainer:
         if state:
             self._restore(state)
             self.saved_at = (state.epoch, state.step_in_epoch)
+        self._wrap()
         machine = machine_description(self.device)
+        if distributed.active:
+            machine += f", {distributed.world_size} processes (DDP)"
         if not self.state.machines or self.state.machines[-1]["machine"] != machine:
             self.state.machines.append({"machine": machine, "from_epoch": self.state.epoch + 1})
+
+    def _read_run(
+        self, config: TrainConfig, resume: bool, named: set[str] | frozenset[str]
+    ) -> tuple[TrainConfig, dict, dict, Preprocessing, Checkpoint | None]:
+        """The run's config, split, slices, preprocessing and checkpoint (None for a new run), read from the run
+        folder and the data; settings that cannot work are refused before any data is read."""
+        state = self._read_checkpoint(resume)
+        self.config = (
+            resumed_config(TrainConfig.from_dict(state.config, str(self.checkpoint_path)), config, named)
+            if state
+            else config
+        )
+        self._check_processes(self.config, resumed=state is not None)
+        self._device(self.config)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.splits, self.frames = load_frames(self.config, self.out_dir, state.splits if state else None)
+        self.preprocessing = self._recorded_preprocessing(state) if state else self._measure_preprocessing()
+        return self.config, self.splits, self.frames, self.preprocessing, state
+
+    def _device(self, config: TrainConfig) -> torch.device:
+        try:
+            if self.distributed.active:
+                return self.distributed.device(config.device)
+            return pick_device(config.device)
+        except ValueError as error:  # its message names --device
+            raise TrainingError(str(error)) from None
+
+    def _check_processes(self, config: TrainConfig, resumed: bool) -> None:
+        """The global batch must split evenly over the processes, and SyncBatchNorm needs GPUs."""
+        processes = self.distributed.world_size
+        if config.batch_size % processes:
+            whose = "the run's global --batch-size" if resumed else "--batch-size, the global batch,"
+            raise TrainingError(
+                f"{whose} {config.batch_size} does not divide among {processes} processes: each takes an equal "
+                f"share; {'resume with' if resumed else 'give'} a number of processes that divides it"
+                + ("" if resumed else ", or another --batch-size")
+            )
+        if config.sync_batchnorm and processes > 1 and self._device(config).type != "cuda":
+            raise TrainingError("--sync-batchnorm needs CUDA: torch's SyncBatchNorm does not run on the CPU")
 
     def _read_checkpoint(self, resume: bool) -> Checkpoint | None:
         earlier = [name for name in RUN_FILES if (self.out_dir / name).exists()]
@@ -528,6 +574,8 @@ class Trainer:
         c = self.config
         torch.manual_seed(c.seed)
         self.network = UNet(width=c.width, depth=c.depth, upsampling=c.upsampling)
+        if c.sync_batchnorm and self.distributed.world_size > 1:  # same parameter and buffer names: same checkpoint
+            self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
         self.network.to(self.device).to(memory_format=torch.channels_last)
         self.train_set = LGGDataset(
             self.frames["train"], train_transforms(c.image_size, c.flair_only_p), self.preprocessing
@@ -560,6 +608,25 @@ class Trainer:
             self.precision_used,
             self.steps_per_epoch,
         )
+        processes = self.distributed.world_size
+        if self.distributed.active:
+            log.info(
+                "DDP: %d processes, batch %d per device, global batch %d, %s batch norm",
+                processes,
+                c.batch_size // processes,
+                c.batch_size,
+                "synchronised" if c.sync_batchnorm and processes > 1 else "per-device",
+            )
+        elif c.sync_batchnorm:
+            log.warning("--sync-batchnorm does nothing in a one-process run (it applies under torchrun)")
+
+    def _wrap(self) -> None:
+        """``self.trained``: what the training steps call; under torchrun, DDP around the network, which averages
+        the gradients over the ranks. Checkpoints, validation and ``best/`` use ``self.network`` itself."""
+        self.trained = self.network
+        if self.distributed.active:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.network, device_ids=device_ids)
 
     def _restore(self, state: Checkpoint) -> None:
         try:
@@ -592,13 +659,19 @@ class Trainer:
         return Segmenter(self.network, self.preprocessing, postprocessing, precision=self.config.precision)
 
     def fit(self) -> None:
-        """Train until the last epoch or until patience runs out, checkpointing as it goes."""
-        c, s = self.config, self.state
+        """Train until the last epoch or until patience runs out, checkpointing as it goes (rank 0 alone validates
+        and writes; the other ranks wait for its verdict)."""
+        c, s, main = self.config, self.state, self.distributed.is_main
         while s.epoch < c.epochs and s.bad_epochs < c.patience:
             self._train_epoch()
-            self._validate_epoch()
+            if main:
+                self._validate_epoch()
+            s.best_score, s.best_epoch, s.bad_epochs = self.distributed.broadcast(
+                (s.best_score, s.best_epoch, s.bad_epochs)
+            )
             s.epoch, s.step_in_epoch, s.loss_sum = s.epoch + 1, 0, 0.0
-            self.save_checkpoint()
+            if main:
+                self.save_checkpoint()
         if s.bad_epochs >= c.patience:
             log.info("early stop: no better validation Dice for %d epochs", c.patience)
         log.info("best validation patient Dice %.4f at epoch %d", s.best_score, s.best_epoch)
@@ -614,16 +687,24 @@ class Trainer:
         )
         # Augmentation draws from albumentations' own generator, which no global seed reaches: each sample
         # carries its seed (run seed, epoch, position), so neither the worker count nor a resume changes it.
-        samples = [(indices[i], (c.seed, s.epoch, i)) for i in range(s.step_in_epoch * c.batch_size, len(indices))]
+        # Under torchrun rank r takes the r-th share of each global batch: the ranks together see the
+        # one-process order, sample for sample, and a resume with another number of processes replays it.
+        share = c.batch_size // self.distributed.world_size
+        first = self.distributed.rank * share
+        samples = [
+            (indices[i], (c.seed, s.epoch, i))
+            for step in range(s.step_in_epoch, self.steps_per_epoch)
+            for i in range(step * c.batch_size + first, step * c.batch_size + first + share)
+        ]
         loader = DataLoader(
             self.train_set,
-            batch_size=c.batch_size,
+            batch_size=share,
             sampler=samples,
             drop_last=True,
             num_workers=c.workers,
             pin_memory=self.device.type == "cuda",
         )
-        self.network.train()
+        self.trained.train()
         started = time.time()
         bar = tqdm(
             loader,
@@ -633,9 +714,11 @@ class Trainer:
             total=self.steps_per_epoch,
             mininterval=10,
             file=sys.stderr,
+            disable=not self.distributed.is_main,  # one bar for the run
         )
         for images, masks in bar:
-            loss = train_step(self.network, images, masks, self.loss_fn, self.optimizer, self.scaler, c.precision)
+            loss = train_step(self.trained, images, masks, self.loss_fn, self.optimizer, self.scaler, c.precision)
+            loss = self.distributed.mean(loss)  # every rank sees the same value: all stop together on NaN
             if not math.isfinite(loss):  # the weights are spoilt now: nothing of this step is saved
                 bar.close()
                 raise NonFiniteLoss(
@@ -649,7 +732,8 @@ class Trainer:
             if s.step_in_epoch % c.checkpoint_every == 0 and s.step_in_epoch < self.steps_per_epoch:
                 s.train_seconds += time.time() - started
                 started = time.time()
-                self.save_checkpoint()
+                if self.distributed.is_main:
+                    self.save_checkpoint()
         bar.close()
         s.train_seconds += time.time() - started
 

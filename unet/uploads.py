@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -37,6 +38,7 @@ MAX_VOLUME_PIXELS = 200 * 512 * 512  # decoded pixels of a volume's slices (and,
 MAX_NAME_CHARS = 245  # a longer name cannot become a file name on most file systems (255 bytes with a suffix)
 CHUNK = 2**20  # bytes read from a zip entry at a time: what an entry can inflate to before the cap is checked
 MASK_SUFFIX = "_mask"
+MAX_KEPT_MB = 256  # what all sessions together keep for their sliders (see SessionBudget)
 
 
 class ByteBudget:
@@ -229,6 +231,70 @@ def read_reference(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
             f"reference mask is {reference.shape[1]}x{reference.shape[0]} but the slice is {shape[1]}x{shape[0]}"
         )
     return reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What sessions keep
+
+
+def held_bytes(value: object, depth: int = 4) -> int:
+    """The bytes of the numpy arrays in ``value``: in containers, dataclasses and objects, ``depth`` levels down."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if depth == 0:
+        return 0
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif hasattr(value, "__dict__"):
+        items = list(vars(value).values())
+    else:
+        return 0
+    return sum(held_bytes(item, depth - 1) for item in items)
+
+
+class SessionBudget:
+    """The bytes all sessions' `gr.State` values may hold together (slices and probability maps kept for the
+    sliders). Past it, the least recently used sessions' values are dropped, as if their time to live had passed:
+    their sliders do nothing until their next upload. A time to live alone bounds nothing, since one client can open
+    any number of sessions.
+
+    Checked as each event starts (Gradio's state holder is told of every session in use), so what is kept stays
+    under the budget plus the one session whose event ran last.
+    """
+
+    def __init__(self, limit_mb: float | None = None) -> None:
+        self.limit = int((MAX_KEPT_MB if limit_mb is None else limit_mb) * 2**20)
+        self.lock = threading.Lock()
+
+    def install(self, holder: object) -> None:
+        """Check the budget whenever Gradio's StateHolder (``demo.state_holder``, once launched) marks a session
+        as used; its ``update(session_id)`` keeps the sessions in least-recently-used order."""
+        update = holder.update
+
+        def update_and_check(session_id: str) -> None:
+            update(session_id)
+            self.enforce(holder, session_id)
+
+        holder.update = update_and_check
+
+    def enforce(self, holder: object, current: str) -> int:
+        """Drop the least recently used sessions' values (never ``current``'s) until the rest fit; bytes dropped."""
+        with self.lock:
+            with holder.lock:
+                sessions = list(holder.session_data.items())  # least recently used first
+            sizes = [held_bytes(list(state.state_data.values())) for _, state in sessions]
+            total, dropped = sum(sizes), 0
+            for (session_id, state), size in zip(sessions, sizes):
+                if total - dropped <= self.limit:
+                    break
+                if session_id != current and size:
+                    state.state_data.clear()
+                    dropped += size
+            if dropped:
+                log.info("dropped %.0f MB kept by idle sessions (over %d MB)", dropped / 2**20, self.limit // 2**20)
+            return dropped
 
 
 # ---------------------------------------------------------------------------------------------------------------

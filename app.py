@@ -266,7 +266,7 @@ def api_panel(threshold: float) -> SimpleNamespace:
     """The /segment and /segment_volume endpoints' simple inputs and outputs, hidden from the page."""
     with gr.Column(visible=False):
         return SimpleNamespace(
-            image=gr.File(label="image", type="filepath", file_types=["image"]),
+            image=gr.File(label="image", type="filepath"),
             threshold=gr.Number(value=threshold, label="threshold"),
             overlay=gr.Image(label="overlay", format="png"),
             mask=gr.Image(label="mask", format="png", image_mode="L"),

@@ -778,7 +778,10 @@ def test_segment_endpoint_with_gradio_client(app_url, serving, phantom, tmp_path
 
     client = Client(app_url, verbose=False)
     # The API is exactly /segment: the page's own events are private.
-    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/segment"]
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
+        "/segment",
+        "/segment_volume",
+    ]
     path, _, image = phantom
     overlay_path, mask_path, summary = client.predict(handle_file(str(path)), 0.3, api_name="/segment")
     overlay, mask = Image.open(overlay_path), Image.open(mask_path)

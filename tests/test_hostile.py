@@ -424,8 +424,10 @@ def test_a_4096_pixel_image_at_a_wide_bit_depth(client, check, payloads, kind):
 TOO_LARGE = "too large to decode safely|at most 4096x4096"
 
 
-def odd_files(folder: Path) -> dict[str, tuple[Path, str]]:
-    """Files the reader must refuse, and what their one line says."""
+@pytest.fixture(scope="module")
+def odd_files(payloads) -> dict[str, tuple[Path, str]]:
+    """Files the reader must refuse, and what their one line says (made once for the module)."""
+    folder = payloads
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
     files = {
         "eps named .png": ("eps.png", eps, "not an image this app reads"),
@@ -459,8 +461,8 @@ def odd_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "4096 x 4096 float64 colour TIFF (800 MB through OpenCV)",
     ],
 )
-def test_an_odd_or_oversized_image_is_one_line(server, client, check, payloads, case):
-    path, message = odd_files(payloads)[case]
+def test_an_odd_or_oversized_image_is_one_line(server, client, check, odd_files, case):
+    path, message = odd_files[case]
     with check(case):
         through_api = segment_error(client, path)
         through_page = volume_error(Page(server.url).volume([path]))
@@ -516,9 +518,11 @@ def test_sixteen_clients_at_once_against_a_small_queue(server, client, check, no
     assert all(re.fullmatch(r"\w+: Queue is full! Please try again\.", r) for r in refused), refused
 
 
-def test_the_server_log_has_no_traceback(server):
-    text = server.log_path.read_text()
-    assert "Traceback" not in text, text[-4000:]
+def test_the_server_log_has_no_traceback_from_the_app(server):
     print("\npeak resident memory of the app process, MB:")
     for case, peak in MEASURED.items():
         print(f"  {peak:6.0f}  {case}")
+    # Gradio's own file-type check of /segment's input (a zip sent there) logs a traceback of Gradio's frames only.
+    tracebacks = server.log_path.read_text().split("Traceback (most recent call last):")[1:]
+    from_the_app = [t for t in tracebacks if str(app.ROOT) in t.split("\n\n")[0]]
+    assert not from_the_app, from_the_app[0][:4000]

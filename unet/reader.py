@@ -222,6 +222,8 @@ def _refuse_wide_tiff(data: bytes, name: str) -> None:
         samples = int(tags.get(277, 1))
     except (OSError, ValueError, SyntaxError, TypeError):
         return  # no readable directory: OpenCV refuses it in one line
+    if not (width and height):
+        return  # a directory cut short: OpenCV calls it corrupt or truncated
     _refuse_oversize(name, width, height)
     if width * height * samples * bits // 8 > MAX_DECODED_BYTES:
         raise ReadError(

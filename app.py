@@ -33,6 +33,7 @@ from types import FrameType, SimpleNamespace  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 
 from unet import nifti, render, viewer  # noqa: E402
 from unet.examples import Example, example_volume, load_examples  # noqa: E402
@@ -57,9 +58,19 @@ CSS = """
   #examples .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
 }
 """
-# The model's events share one queue with /segment, sized by --concurrency; the threshold's redraws are light.
+# The model's events share one queue with /segment, sized by --concurrency. The redraws (threshold, view, scrubber,
+# reference) are light but each holds a session's full-size masks and pictures while it runs: one shared group of
+# REDRAWS_AT_ONCE keeps simultaneous redraws of large sessions from adding up (issue 26's memory bound).
+REDRAWS_AT_ONCE = 2
 HEAVY = dict(concurrency_id="model", api_visibility="private")
-LIGHT = dict(api_visibility="private", show_progress="hidden", trigger_mode="always_last", concurrency_limit=4)
+LIGHT = dict(
+    api_visibility="private",
+    show_progress="hidden",
+    trigger_mode="always_last",
+    concurrency_id="redraw",
+    concurrency_limit=REDRAWS_AT_ONCE,
+)
+API_SAMPLE_IMAGE = "https://raw.githubusercontent.com/gradio-app/gradio/main/test/test_files/bus.png"
 PROGRESS = gr.Progress()  # Gradio fills in a handler's progress argument whose default is a gr.Progress
 
 
@@ -184,6 +195,15 @@ def single_slice_tab(examples: list[Example], source: str, threshold: float) -> 
                     label="Tumor probability (colour bar: 0 to 1)", elem_id="probability", **image_options
                 )
                 preview = gr.Image(label="Your slice (composite)", elem_id="preview", **image_options)
+            # Closed by default: the three views above stay the page; the comparison is one click away.
+            with gr.Accordion("Before / after: drag to compare the slice with the prediction", open=False):
+                comparison = gr.ImageSlider(
+                    label="The slice as shown, and the same with the prediction",
+                    format="png",
+                    interactive=False,
+                    max_height=420,
+                    elem_id="comparison",
+                )
     state = gr.State(None, time_to_live=SESSION_TTL_S)
     return SimpleNamespace(
         upload=upload,
@@ -197,6 +217,7 @@ def single_slice_tab(examples: list[Example], source: str, threshold: float) -> 
         preview=preview,
         overlay=overlay,
         probability=probability,
+        comparison=comparison,
         state=state,
     )
 
@@ -235,12 +256,15 @@ def volume_tab(segmenter: Segmenter, threshold: float, has_example: bool) -> Sim
             with gr.Row():
                 coronal = gr.Image(label="Coronal", format="png", interactive=False, height=220, min_width=140)
                 sagittal = gr.Image(label="Sagittal", format="png", interactive=False, height=220, min_width=140)
+            # No fixed height: at one, Gradio 6.31 clips the legend's row of names below the title. No legend title
+            # either (it would read "series"): the legend is just the two names, in the viewer's colours.
             plot = gr.LinePlot(
                 x="slice",
                 y="tumor pixels",
                 color="series",
+                color_title="",
+                color_map=viewer.AREA_COLORS,
                 label="Tumor area by slice (predicted and reference)",
-                height=240,
                 y_axis_format="d",
                 elem_id="volume-plot",
             )
@@ -265,8 +289,12 @@ def volume_tab(segmenter: Segmenter, threshold: float, has_example: bool) -> Sim
 def api_panel(threshold: float) -> SimpleNamespace:
     """The /segment and /segment_volume endpoints' simple inputs and outputs, hidden from the page."""
     with gr.Column(visible=False):
+        # A gr.File, not a gr.Image: the file reaches `unet.reader` undecoded, under its limits. The API page's
+        # sample for a gr.File is a PDF; an image (the one Gradio's own gr.Image samples) says what to send.
+        image = gr.File(label="image", type="filepath")
+        image.example_payload = lambda: handle_file(API_SAMPLE_IMAGE)
         return SimpleNamespace(
-            image=gr.File(label="image", type="filepath"),
+            image=image,
             threshold=gr.Number(value=threshold, label="threshold"),
             overlay=gr.Image(label="overlay", format="png"),
             mask=gr.Image(label="mask", format="png", image_mode="L"),
@@ -280,12 +308,12 @@ def api_panel(threshold: float) -> SimpleNamespace:
 
 def wire_single_slice(tab: SimpleNamespace, events: Events) -> None:
     outputs = [tab.upload, tab.reference, tab.gallery, tab.preview, tab.overlay, tab.probability, tab.summary]
-    outputs += [tab.legend, tab.mask_file, tab.state]
+    outputs += [tab.legend, tab.mask_file, tab.comparison, tab.state]
     view = tab.view.inputs
     upload_inputs = [tab.upload, tab.reference, tab.state, tab.threshold, *view]
     tab.upload.upload(events.on_upload, upload_inputs, outputs, **HEAVY)
     tab.gallery.select(events.on_example, [tab.threshold, *view], outputs, **HEAVY)
-    redraw = [tab.overlay, tab.probability, tab.summary, tab.legend, tab.mask_file, tab.state]
+    redraw = [tab.overlay, tab.probability, tab.summary, tab.legend, tab.mask_file, tab.comparison, tab.state]
     tab.reference.upload(events.on_reference, [tab.state, tab.reference, tab.threshold, *view], redraw, **LIGHT)
     tab.reference.clear(events.on_reference, [tab.state, tab.reference, tab.threshold, *view], redraw, **LIGHT)
     for control in (tab.threshold, *view):
@@ -364,7 +392,7 @@ class Events:
         *view: object,
     ) -> tuple:
         if not paths:
-            return (gr.skip(),) * 10
+            return (gr.skip(),) * 11
         paths = [paths] if isinstance(paths, str) else list(paths)
         # The box keeps what it showed and adds a new drop to it: only the files not used last time are new.
         paths = [p for p in paths if previous is None or p not in previous.files] or paths
@@ -376,7 +404,7 @@ class Events:
             gr.Warning(str(error))
             no_file = gr.DownloadButton(value=None, interactive=False)
             text = f"### Could not use this file\n{error}"
-            return paths, gr.skip(), gr.Gallery(selected_index=None), None, None, None, text, "", no_file, None
+            return paths, gr.skip(), gr.Gallery(selected_index=None), None, None, None, text, "", no_file, None, None
         # The upload box keeps the file (and its name); a highlighted example is no longer what is shown.
         shown = self.run_single(loaded, Path(image_path).stem, threshold, view, reference)
         shown[-1].files = paths
@@ -399,7 +427,8 @@ class Events:
         reference: np.ndarray | None = None,
         synthetic: bool = False,
     ) -> tuple:
-        """(preview, overlay, probability, summary, legend, mask download, session) of a newly loaded slice."""
+        """(preview, overlay, probability, summary, legend, mask download, before/after, session) of a newly loaded
+        slice."""
         start = time.perf_counter()
         prob = self.segmenter.probabilities([loaded.image])[0]
         height, width = loaded.image.shape[:2]
@@ -408,9 +437,9 @@ class Events:
         session = SliceSession(
             loaded.image, render.compact_probability(prob, size), name, reference, loaded.notes, synthetic
         )
-        overlay, heat, text, legend, mask_file = self.show_single(session, threshold, *view, prob=prob)
+        shown = self.show_single(session, threshold, *view, prob=prob)
         preview = self.work.png(f"{name}.png", loaded.image)
-        return preview, overlay, heat, text, legend, mask_file, session
+        return preview, *shown, session
 
     def show_single(
         self,
@@ -421,36 +450,40 @@ class Events:
         opacity: float = viewer.DEFAULT_OPACITY,
         prob: np.ndarray | None = None,
     ) -> tuple:
-        """(overlay file, probability file, summary Markdown, legend, mask download) at a threshold and view;
-        ``prob`` is the exact float32 map where the caller still has it."""
+        """(overlay file, probability file, summary Markdown, legend, mask download, (slice, overlay) files for the
+        before/after slider) at a threshold and view; ``prob`` is the exact float32 map where the caller still has
+        it."""
         prob = session.prob.astype(np.float32, copy=False) if prob is None else prob
         mask = self.at(threshold).slice_mask(prob)
         summary = render.slice_summary(session.image, prob, mask, threshold, session.reference)
         mask_file = self.work.png(f"{session.name}_mask.png", mask.astype(np.uint8) * 255)
         overlay = viewer.draw_view(session.image, mask, session.reference, channel, style, float(opacity))
         heat = viewer.probability_with_colorbar(prob, threshold)
+        overlay_file = self.work.png(f"{session.name}_overlay.png", overlay)
+        before = self.work.png(f"{session.name}_slice.png", viewer.base_image(session.image, channel))
         return (
-            self.work.png(f"{session.name}_overlay.png", overlay),
+            overlay_file,
             self.work.png(f"{session.name}_probability.png", heat),
             render.summary_markdown(summary, session.notes, session.synthetic, session.name),
             viewer.legend_html(session.reference is not None, style),
             gr.DownloadButton(value=mask_file, interactive=True),
+            (before, overlay_file),
         )
 
     def on_threshold(self, session: SliceSession | None, threshold: float, *view: object) -> tuple:
         if session is None:
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * 6
         return self.show_single(session, threshold, *view)
 
     def on_reference(self, session: SliceSession | None, path: str | None, threshold: float, *view: object) -> tuple:
         """A reference mask added to (or removed from) the slice on show: redraw with its Dice."""
         if session is None:
-            return (gr.skip(),) * 6
+            return (gr.skip(),) * 7
         try:
             reference = read_reference(path, session.image.shape[:2]) if path else None
         except ReadError as error:
             gr.Warning(str(error))
-            return (gr.skip(),) * 2 + (f"### Could not use this reference mask\n{error}",) + (gr.skip(),) * 3
+            return (gr.skip(),) * 2 + (f"### Could not use this reference mask\n{error}",) + (gr.skip(),) * 4
         session = dataclasses.replace(session, reference=reference)
         return (*self.show_single(session, threshold, *view), session)
 

@@ -29,9 +29,10 @@ from pathlib import Path
 import yaml
 
 from unet import distributed as ddp
+from unet.config import CONFIG_FILE_FIELDS, NonFiniteLoss, TrainConfig, TrainingError
 from unet.data import DatasetError
 from unet.reader import ReadError
-from unet.training import CONFIG_FILE_FIELDS, NonFiniteLoss, TrainConfig, Trainer, TrainingError
+from unet.training import Trainer
 
 log = logging.getLogger("train")
 

@@ -635,6 +635,75 @@ def test_a_session_keeps_large_maps_as_float16_and_small_ones_exactly(segmenter)
     events.work.remove()
 
 
+@pytest.fixture(scope="module")
+def demo(serving):
+    return app.build_demo(serving)
+
+
+def test_every_redraw_waits_in_one_small_concurrency_group(demo):
+    # Simultaneous redraws of large sessions add up (issue 26's bound): they share one group of at most 2.
+    light = {"on_threshold", "on_reference", "on_volume_threshold", "on_scrub"}
+    redraws = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") in light]
+    assert {f.fn.__name__ for f in redraws} == light and len(redraws) == 2 + 4 + 1 + 2
+    assert {(f.concurrency_id, f.concurrency_limit) for f in redraws} == {("redraw", app.REDRAWS_AT_ONCE)}
+    assert 1 <= app.REDRAWS_AT_ONCE <= 2
+
+
+def test_the_one_slice_tab_compares_the_slice_with_the_prediction(segmenter, phantom, demo):
+    sliders = [b for b in demo.blocks.values() if isinstance(b, app.gr.ImageSlider)]
+    assert [s.elem_id for s in sliders] == ["comparison"]
+    path, _, _ = phantom
+    events = app.Events(segmenter, uploads.WorkFolder(), [])
+    outputs = events.on_upload([str(path)], None, None, 0.5, "Pre-contrast", "Filled", 0.45)
+    before, after = outputs[-2]
+    assert after == outputs[4]  # the overlay on show
+    shown, image = np.asarray(Image.open(before)), load_slice(path).image
+    assert np.array_equal(shown, np.repeat(image[..., :1], 3, axis=2))  # the channel on show, without the prediction
+    assert not np.array_equal(np.asarray(Image.open(after)), shown)
+    assert events.on_threshold(outputs[-1], 0.9, "FLAIR", "Outline", 0.45)[-1][1].endswith("_overlay.png")
+    events.work.remove()
+
+
+def test_the_area_charts_legend_names_the_two_lines(demo):
+    chart = viewer.area_frame(["1", "2"], [5, 0], [3, 4])
+    plot = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "volume-plot")
+    assert plot.color == "series" and set(chart[plot.color]) == {"predicted", "reference"}
+    assert plot.color_title == ""  # no "series" title above the names
+    assert plot.color_map == viewer.AREA_COLORS and set(plot.color_map) == set(chart[plot.color])
+    assert plot.height is None  # at a fixed height Gradio 6.31 clips the legend's names
+    value = plot.postprocess(chart)
+    column = value.columns.index("series")
+    assert [row[column] for row in value.data] == ["predicted", "predicted", "reference", "reference"]
+
+
+def test_the_api_page_samples_an_image_for_the_image_endpoint(demo):
+    parameter = demo.get_api_info()["named_endpoints"]["/segment"]["parameters"][0]
+    assert parameter["parameter_name"] == "image" and parameter["example_input"]["path"].endswith(".png")
+
+
+def test_the_work_folder_keeps_at_most_its_cap_of_downloads_oldest_removed_first():
+    work = uploads.WorkFolder(max_mb=1)
+    assert uploads.MAX_DOWNLOADS_MB == 256 and uploads.WorkFolder().max_bytes == 256 * 2**20
+    noise = np.random.default_rng(0).integers(0, 256, (400, 600), np.uint8)  # ~235 KB as PNG: it hardly compresses
+    paths = [Path(work.png(f"d{k}.png", noise)) for k in range(6)]
+    kept = [p for p in paths if p.exists()]
+    assert kept == paths[-4:]  # the two oldest went when the fifth and sixth passed 1 MB
+    assert sum(p.stat().st_size for p in kept) <= 2**20 == work.max_bytes and work.kept_bytes <= 2**20
+    assert not paths[0].parent.exists()  # the download's folder goes with it
+    huge = Path(work.png("huge.png", np.random.default_rng(1).integers(0, 256, (1200, 1200), np.uint8)))
+    assert huge.exists() and not any(p.exists() for p in kept)  # the newest stays, even alone past the cap
+    work.remove()
+
+
+def test_the_work_folder_still_sweeps_downloads_by_age():
+    work = uploads.WorkFolder(keep_s=0)
+    first = Path(work.png("a.png", np.zeros((4, 4), np.uint8)))
+    time.sleep(0.01)
+    second = Path(work.png("b.png", np.zeros((4, 4), np.uint8)))
+    assert second.exists() and not first.exists()
+    work.remove()
+
+
 def test_what_a_session_keeps_expires_after_ten_minutes(serving):
     demo = app.build_demo(serving)
     states = [b for b in demo.blocks.values() if isinstance(b, app.gr.State)]

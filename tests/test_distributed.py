@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+from unet.checkpoint import Checkpoint
+from unet.config import TrainConfig, TrainingError
 from unet.distributed import SINGLE, Distributed
 from unet.segmenter import Segmenter
-from unet.training import Checkpoint, TrainConfig, Trainer, TrainingError
+from unet.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

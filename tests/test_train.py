@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import train
-from unet import training
+from unet import checkpoint, run_record, training
+from unet.checkpoint import Checkpoint
+from unet.config import TrainConfig, TrainingError
 from unet.data import scan_dataset, split_patients
 from unet.evaluate import main as evaluate_main
 from unet.evaluation import predict_frame
@@ -25,7 +27,7 @@ from unet.processing import LGG_MEAN, Postprocessing, Preprocessing
 from unet.reader import read_image, read_mask
 from unet.segmenter import Segmenter
 from unet.synthetic import make_synthetic_dataset
-from unet.training import Checkpoint, TrainConfig, Trainer, TrainingError
+from unet.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -455,11 +457,11 @@ def test_recorded_command_and_data_name_hold_no_machine_paths(tmp_path):
     config, named = train.config_from_args(args)
     assert config.data_dirs == ("/home/alice/lgg/kaggle_3m", "/home/alice/extra")
     assert named == {"data_dirs", "epochs", "tumor_fraction"}
-    command = training.training_command(config)
+    command = run_record.training_command(config)
     assert command == 'python train.py --epochs 5 --config config.json  # config.json: {"tumor_fraction": 0.3}'
     assert "alice" not in command
-    assert training.dataset_name(config.data_dirs[0]) == "lgg/kaggle_3m"
-    assert training.dataset_name("/home/alice/lgg_subset/") == "lgg_subset"
+    assert run_record.dataset_name(config.data_dirs[0]) == "lgg/kaggle_3m"
+    assert run_record.dataset_name("/home/alice/lgg_subset/") == "lgg_subset"
 
 
 def test_lr_warms_up_then_decays():
@@ -557,10 +559,10 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_a_run_resumed_on_another_machine_names_both():
     machines = [{"machine": "NVIDIA H200", "from_epoch": 1}, {"machine": "AMD EPYC, 2 cores", "from_epoch": 47}]
-    assert training.machines_text(machines, 60) == "NVIDIA H200 (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
-    assert training.machines_text(machines[:1], 60) == "NVIDIA H200"
+    assert run_record.machines_text(machines, 60) == "NVIDIA H200 (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
+    assert run_record.machines_text(machines[:1], 60) == "NVIDIA H200"
     assert (
-        training.machines_text(machines[1:], 60)
+        run_record.machines_text(machines[1:], 60)
         == "an unrecorded machine (epochs 1-46), AMD EPYC, 2 cores (epochs 47-60)"
     )
 
@@ -829,7 +831,7 @@ def test_a_non_finite_loss_stops_the_run_in_one_line_and_keeps_the_last_good_che
 def test_a_save_of_the_best_epoch_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     best = tmp_path / "best"
     first = Segmenter(UNet(width=4, depth=2), Preprocessing(image_size=64, normalization="dataset"))
-    training.save_best(first, best)
+    checkpoint.save_best(first, best)
     second = Segmenter(UNet(width=4, depth=2), Preprocessing(image_size=64))
 
     def killed_mid_write(self, folder, **_):  # dies after the weights, before the configs
@@ -839,12 +841,12 @@ def test_a_save_of_the_best_epoch_cut_short_leaves_the_previous_one_whole(tmp_pa
 
     monkeypatch.setattr(Segmenter, "save_pretrained", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        training.save_best(second, best)
+        checkpoint.save_best(second, best)
     monkeypatch.undo()
     kept = Segmenter.from_pretrained(best)
     assert kept.preprocessing == first.preprocessing
     assert same_tensors(kept.network.state_dict(), first.network.state_dict())
-    training.save_best(second, best)  # the next epoch's save clears what the cut one left
+    checkpoint.save_best(second, best)  # the next epoch's save clears what the cut one left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     kept = Segmenter.from_pretrained(best)
     assert kept.preprocessing == second.preprocessing
@@ -853,7 +855,7 @@ def test_a_save_of_the_best_epoch_cut_short_leaves_the_previous_one_whole(tmp_pa
 
 def test_a_checkpoint_save_cut_short_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    training.save_atomic({"epoch": 1}, path)
+    checkpoint.save_atomic({"epoch": 1}, path)
 
     class CutShortFile(io.FileIO):  # Ctrl-C lands while torch is writing the weights
         def write(self, data):
@@ -861,9 +863,9 @@ def test_a_checkpoint_save_cut_short_keeps_the_previous_checkpoint(tmp_path, mon
                 raise KeyboardInterrupt
             return super().write(data)
 
-    monkeypatch.setattr(training, "open", CutShortFile, raising=False)
+    monkeypatch.setattr(checkpoint, "open", CutShortFile, raising=False)
     with pytest.raises(KeyboardInterrupt):  # not torch's "unexpected pos" error from closing the torn zip
-        training.save_atomic({"epoch": 2, "weights": torch.zeros(10_000)}, path)
+        checkpoint.save_atomic({"epoch": 2, "weights": torch.zeros(10_000)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -20,13 +20,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import pickle
-import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +33,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unet.card import write_model_card
+from unet.checkpoint import Checkpoint, save_best
+from unet.config import RUN_FILES, NonFiniteLoss, TrainConfig, TrainingError, resumed_config
 from unet.data import DatasetError, LGGDataset, channel_stats, scan_dataset, split_patients, train_transforms
 from unet.device import autocast_for, machine_description, pick_device, precision_name
 from unet.distributed import SINGLE, Distributed
@@ -45,259 +43,12 @@ from unet.losses import BCEDiceLoss
 from unet.metrics import json_safe
 from unet.model import UNet, count_parameters
 from unet.processing import Postprocessing, Preprocessing
+from unet.run_record import dataset_name, machines_text, plot_history, training_command
 from unet.segmenter import Segmenter
 from unet.synthetic import make_synthetic_dataset
 from unet.tuning import tune_postprocessing
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg_subset"
-# What a resume may change: the run's length and the machine, including where the data lies on it. Everything
-# else (data, split, model, recipe) is fixed by the run's first start.
-# sync_batchnorm is the machine's too: a run may resume with another number of processes.
-RUN_CONTROL_FIELDS = ("epochs", "patience", "workers", "device", "data_dirs", "sync_batchnorm")
-# Settings only an experiment changes: train.py takes them from a --config file, not as flags.
-CONFIG_FILE_FIELDS = (
-    "weight_decay",
-    "warmup_epochs",
-    "tumor_fraction",
-    "flair_only_p",
-    "normalization",
-    "consider_tta",
-)
-RUN_FILES = ("last.pt", "best", "model", "history.csv")
-
-
-class TrainingError(ValueError):
-    """A setting, data folder or checkpoint that a run cannot use: the message is one line."""
-
-
-class NonFiniteLoss(TrainingError):
-    """The loss became NaN or infinite: the run stops, ``last.pt`` keeps the last good state."""
-
-
-def option_name(name: str) -> str:
-    """How train.py names a setting: ``--image-size`` for a flag, the key itself for a config-file setting."""
-    if name in CONFIG_FILE_FIELDS:
-        return name
-    return "--data-dir" if name == "data_dirs" else "--" + name.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The recipe: one home for its defaults. Invalid values raise `TrainingError` naming the option."""
-
-    data_dirs: tuple[str, ...] = (str(DEFAULT_DATA_DIR),)  # kaggle_3m folders, read as one set
-    synthetic: bool = False  # generated phantoms, written to OUT_DIR/synthetic
-    patients: int | None = None  # the first N patients only (quick runs)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    folds: int = 0  # cross-validation: the test patients are fold `fold` of this many
-    fold: int = 0
-    image_size: int = 256
-    width: int = 16
-    depth: int = 4
-    upsampling: str = "transpose"
-    epochs: int = 60
-    steps_per_epoch: int | None = None  # default: one pass over the training slices
-    batch_size: int = 8  # the global batch: under torchrun each of N processes takes batch_size / N
-    lr: float = 1e-3  # AdamW's peak
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
-    patience: int = 20  # epochs without a better validation patient Dice before stopping
-    tumor_fraction: float = 0.5  # share of the draws that are tumor slices
-    flair_only_p: float = 0.2
-    normalization: str = "slice"
-    precision: str = "auto"
-    device: str = "auto"
-    workers: int = 0
-    seed: int = 42
-    checkpoint_every: int = 50  # steps
-    sync_batchnorm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
-    consider_tta: bool = False  # let tuning try flip test-time augmentation
-
-    def __post_init__(self) -> None:
-        dirs = [self.data_dirs] if isinstance(self.data_dirs, (str, Path)) else list(self.data_dirs)
-        object.__setattr__(self, "data_dirs", tuple(str(d) for d in dirs))
-        for holds, requirement in self._checks():
-            if not holds:
-                raise TrainingError(requirement)
-
-    def _checks(self) -> list[tuple[bool, str]]:
-        """(holds, what the setting must be); written as what is valid, so that NaN fails every check."""
-        c, o = self, option_name
-        return [
-            (len(c.data_dirs) >= 1, "--data-dir needs at least one folder"),
-            (c.fold == 0 or c.folds, f"--fold {c.fold} needs --folds K (the number of folds)"),
-            (c.folds == 0 or c.folds >= 2, f"--folds must be at least 2, not {c.folds}"),
-            (c.folds == 0 or 0 <= c.fold < c.folds, f"--fold must be from 0 to {c.folds - 1}, not {c.fold}"),
-            (
-                0 < c.val_fraction < 1,
-                f"--val-fraction must lie between 0 and 1, not {c.val_fraction}: validation "
-                "chooses the epoch and the post-processing",
-            ),
-            (
-                0 <= c.test_fraction < 1 - c.val_fraction,
-                f"--test-fraction must be from 0 to below 1 - --val-fraction, not {c.test_fraction}",
-            ),
-            (
-                c.folds < 2 or c.val_fraction < 1 - 1 / c.folds,
-                f"--val-fraction must be below 1 - 1/--folds = {1 - 1 / max(c.folds, 2):.2f}, not {c.val_fraction}: "
-                "each fold's test patients come first",
-            ),
-            (
-                c.patients is None or c.patients >= 3,
-                f"--patients must be at least 3 (train, validation, test), not {c.patients}",
-            ),
-            (c.width >= 1, f"--width must be at least 1, not {c.width}"),
-            (c.depth >= 1, f"--depth must be at least 1, not {c.depth}"),
-            (
-                c.image_size > 0 and c.image_size % 2**c.depth == 0,
-                f"--image-size {c.image_size} must be a positive multiple of 2**depth = {2**c.depth}",
-            ),
-            (
-                c.upsampling in ("bilinear", "transpose"),
-                f"--upsampling must be bilinear or transpose, not {c.upsampling}",
-            ),
-            (c.epochs >= 1 and c.patience >= 1, "--epochs and --patience must be at least 1"),
-            (c.batch_size >= 1, f"--batch-size must be at least 1, not {c.batch_size}"),
-            (
-                c.steps_per_epoch is None or c.steps_per_epoch >= 1,
-                f"--steps-per-epoch must be at least 1, not {c.steps_per_epoch}",
-            ),
-            (c.checkpoint_every >= 1, f"--checkpoint-every must be at least 1, not {c.checkpoint_every}"),
-            (c.workers >= 0, f"--workers cannot be negative, not {c.workers}"),
-            (0 < c.lr < math.inf, f"--lr must be a positive number, not {c.lr}"),
-            (c.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, not {c.precision}"),
-            (0 <= c.weight_decay < math.inf, f"{o('weight_decay')} must be a number from 0, not {c.weight_decay}"),
-            (0 <= c.warmup_epochs < math.inf, f"{o('warmup_epochs')} must be a number from 0, not {c.warmup_epochs}"),
-            (
-                0 <= c.tumor_fraction <= 1,
-                f"{o('tumor_fraction')} is a share of each batch, from 0 to 1, not {c.tumor_fraction}",
-            ),
-            (0 <= c.flair_only_p <= 1, f"{o('flair_only_p')} is a probability, from 0 to 1, not {c.flair_only_p}"),
-            (
-                c.normalization in ("slice", "dataset"),
-                f"{o('normalization')} must be slice or dataset, not {c.normalization}",
-            ),
-        ]
-
-    @classmethod
-    def from_dict(cls, settings: dict, source: str = "settings") -> TrainConfig:
-        """A config from a dict (a config file, a checkpoint's record); an unknown key is an error naming it."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(settings) - set(known))
-        if unknown:
-            raise TrainingError(f"{source}: unknown setting {unknown[0]!r}; the settings are {', '.join(known)}")
-        try:
-            return cls(**settings)
-        except TypeError as error:  # e.g. a string where a number belongs
-            raise TrainingError(f"{source}: {error}") from None
-
-    def as_dict(self) -> dict:
-        """Plain values only, as a checkpoint stores them (`torch.load(weights_only=True)` reads them back)."""
-        return {**dataclasses.asdict(self), "data_dirs": list(self.data_dirs)}
-
-
-def resumed_config(saved: TrainConfig, given: TrainConfig, named: set[str] | frozenset[str]) -> TrainConfig:
-    """The config of a resumed run: the saved one, with the run-control settings the user ``named`` (set on the
-    command line or in a config file) taking their new values. Any other named setting that differs is ignored,
-    with a warning: the data, split, model and recipe of a run are fixed by its first start."""
-    changes = {}
-    for name in sorted(named):
-        new, old = getattr(given, name), getattr(saved, name)
-        if name in RUN_CONTROL_FIELDS:
-            changes[name] = new
-        elif new != old:
-            log.warning(
-                "--resume keeps the run's %s %s; the %s given is ignored", option_name(name), _shown(old), _shown(new)
-            )
-    return dataclasses.replace(saved, **changes)
-
-
-def _shown(value: object) -> str:
-    return " ".join(value) if isinstance(value, tuple) else str(value)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The checkpoint
-
-
-@dataclass
-class Checkpoint:
-    """``last.pt``: a run's state, plain tensors and values only, so loading it runs no code."""
-
-    config: dict
-    splits: dict[str, list[str]]
-    preprocessing: dict  # `Preprocessing` fields: the dataset statistics are measured once, at the run's start
-    epoch: int = 0  # epochs finished
-    step_in_epoch: int = 0  # steps of the next epoch already taken
-    loss_sum: float = 0.0  # over those steps
-    best_score: float = -1.0  # best validation patient Dice so far
-    best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the best one: the patience count
-    train_seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)
-    machines: list[dict] = field(default_factory=list)  # {"machine", "from_epoch"}
-    model: dict = field(default_factory=dict)
-    optimizer: dict = field(default_factory=dict)
-    scheduler: dict = field(default_factory=dict)
-    scaler: dict = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        save_atomic({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path)
-
-    @classmethod
-    def load(cls, path: Path) -> Checkpoint:
-        """Read ``path`` with the weights-only unpickler; TrainingError in one line naming it otherwise."""
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # a global or a call: refused before anything runs
-            raise TrainingError(
-                f"{path} is not a checkpoint of train.py: it holds objects other than tensors "
-                "and plain values, and is not loaded"
-            ) from None
-        except (RuntimeError, EOFError, ValueError, OSError) as error:
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise TrainingError(f"{path} is not a readable checkpoint ({detail})") from None
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if not isinstance(raw, dict) or name not in raw]
-        if missing:
-            raise TrainingError(f"{path} is not a checkpoint of train.py (it lacks {missing[0]!r})")
-        return cls(**{name: raw[name] for name in names})
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write, flush to disk, then rename, so a kill or a power cut during the save never leaves a torn checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        # torch's zip writer, cut short by Ctrl-C, fails again as it closes: report the interrupt, not its echo
-        if isinstance(error, RuntimeError) and isinstance(error.__context__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        raise
-    os.replace(tmp, path)
-
-
-def save_best(segmenter: Segmenter, best_dir: Path) -> None:
-    """Write the kept epoch's segmenter beside ``best_dir``, then move each file in with one rename.
-
-    save_pretrained deletes and rewrites in place: a kill between its files would leave no weights, or a config
-    without them. A run writes the same configs every epoch, so the renames cannot mismatch.
-    """
-    staging = best_dir.with_name(best_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    segmenter.save_pretrained(staging)
-    best_dir.mkdir(exist_ok=True)
-    for path in sorted(staging.iterdir()):
-        os.replace(path, best_dir / path.name)
-    shutil.rmtree(staging)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The parts of the loop
@@ -348,65 +99,6 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     return loss.item()
-
-
-def plot_history(history: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(history["epoch"], history["train_loss"], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", title="training loss")
-    for column in ("val_patient_dice", "val_tumor_slice_dice"):
-        ax_dice.plot(history["epoch"], history[column], marker="o", label=column)
-    ax_dice.plot(
-        history["epoch"], history["val_healthy_fp_rate"], marker=".", linestyle=":", label="val_healthy_fp_rate"
-    )
-    ax_dice.set(xlabel="epoch", ylim=(0, 1), title="validation")
-    ax_dice.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def dataset_name(data_dir: str | Path) -> str:
-    """The data folder by name, without the machine's path to it: ``lgg_subset/kaggle_3m`` or ``lgg_subset``."""
-    path = Path(os.path.abspath(data_dir))  # not resolve(): a link is named as the user named it
-    return f"{path.parent.name}/{path.name}" if path.name == "kaggle_3m" else path.name
-
-
-def training_command(config: TrainConfig) -> str:
-    """The command line that reproduces this run's weights: every setting that differs from its default.
-
-    Where the data lies on this machine changes nothing in the weights, and a path would publish the trainer's
-    directory layout on the Hub; settings of the config file are shown as the file's content.
-    """
-    default = TrainConfig()
-    words, in_file = ["python", "train.py"], {}
-    for name, value in dataclasses.asdict(config).items():
-        if name == "data_dirs" or value == getattr(default, name):
-            continue
-        if name in CONFIG_FILE_FIELDS:
-            in_file[name] = value
-            continue
-        words.append(option_name(name))
-        if not isinstance(value, bool):
-            words.append(shlex.quote(str(value)))
-    if in_file:
-        return " ".join([*words, "--config", "config.json"]) + f"  # config.json: {json.dumps(in_file)}"
-    return " ".join(words)
-
-
-def machines_text(machines: list[dict], last_epoch: int) -> str:
-    """One machine by name; a run resumed elsewhere as 'A (epochs 1-46), B (epochs 47-60)'."""
-    if machines[0]["from_epoch"] > 1:  # started by a train.py that did not record machines
-        machines = [{"machine": "an unrecorded machine", "from_epoch": 1}, *machines]
-    if len(machines) == 1:
-        return machines[0]["machine"]
-    ends = [m["from_epoch"] - 1 for m in machines[1:]] + [last_epoch]
-    return ", ".join(f"{m['machine']} (epochs {m['from_epoch']}-{end})" for m, end in zip(machines, ends))
 
 
 def load_frames(

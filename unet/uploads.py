@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ MAX_NAME_CHARS = 245  # a longer name cannot become a file name on most file sys
 CHUNK = 2**20  # bytes read from a zip entry at a time: what an entry can inflate to before the cap is checked
 MASK_SUFFIX = "_mask"
 MAX_KEPT_MB = 256  # what all sessions together keep for their sliders (see SessionBudget)
+MAX_DOWNLOADS_MB = 256  # the derived files (downloads, views) the work folder keeps on disk (see WorkFolder)
 
 
 class ByteBudget:
@@ -302,14 +304,21 @@ class SessionBudget:
 
 
 class WorkFolder:
-    """A temporary folder for what the app writes: removed at exit and by `remove_all` (the SIGTERM handler);
-    downloads older than ``keep_s`` are swept away as new ones are written."""
+    """A temporary folder for what the app writes: removed at exit and by `remove_all` (the SIGTERM handler).
+
+    As each download is written, older ones are swept away: those older than ``keep_s``, then the oldest while all
+    of them together pass ``max_mb`` (a time alone bounds nothing: one client can ask for downloads without pause).
+    The newest is always kept, whatever its size."""
 
     live: list[WorkFolder] = []  # every folder of this process, for the SIGTERM handler
 
-    def __init__(self, keep_s: float = 600) -> None:
+    def __init__(self, keep_s: float = 600, max_mb: float | None = None) -> None:
         self.path = Path(tempfile.mkdtemp(prefix="brain-mri-app-"))
         self.keep_s = keep_s
+        self.max_bytes = int((MAX_DOWNLOADS_MB if max_mb is None else max_mb) * 2**20)
+        self.downloads: deque[tuple[Path, int, float]] = deque()  # (folder, bytes, written at), oldest first
+        self.kept_bytes = 0
+        self.lock = threading.Lock()
         WorkFolder.live.append(self)
         atexit.register(self.remove)
 
@@ -323,14 +332,26 @@ class WorkFolder:
 
     def write(self, name: str, write: Callable[[Path], None]) -> str:
         """A fresh file named ``name`` (shortened to fit a file system) written by ``write``; its path."""
-        for old in self.path.glob("download-*"):
-            if time.time() - old.stat().st_mtime > self.keep_s:
-                shutil.rmtree(old, ignore_errors=True)
         stem, suffix = Path(name).stem, Path(name).suffix
         path = self.path / f"download-{uuid.uuid4().hex}" / f"{stem[: MAX_NAME_CHARS - len(suffix)]}{suffix}"
         path.parent.mkdir()
         write(path)
+        self._keep(path.parent, path.stat().st_size)
         return str(path)
+
+    def _keep(self, folder: Path, size: int) -> None:
+        """Count a new download, then remove the oldest ones past ``keep_s`` or while the rest pass ``max_bytes``."""
+        now = time.time()
+        with self.lock:
+            self.downloads.append((folder, size, now))
+            self.kept_bytes += size
+            while len(self.downloads) > 1:
+                oldest, oldest_size, written = self.downloads[0]
+                if now - written <= self.keep_s and self.kept_bytes <= self.max_bytes:
+                    break
+                self.downloads.popleft()
+                self.kept_bytes -= oldest_size
+                shutil.rmtree(oldest, ignore_errors=True)
 
     def png(self, name: str, array: np.ndarray) -> str:
         # Level 1 writes a slice in ~8 ms instead of ~27 ms (Pillow's default 6); the file grows by ~14%.

@@ -29,6 +29,9 @@ HIT = (255, 200, 0)
 FALSE_POSITIVE = PREDICTION
 MISS = (40, 110, 255)
 BAR_WIDTH = 64  # pixels the colour bar and its labels add to the right of a probability map
+# The area chart's two lines, by the names its legend shows: the prediction's red, and a darker cyan that reads
+# on the chart's white background.
+AREA_COLORS = {"predicted": "#{:02x}{:02x}{:02x}".format(*PREDICTION), "reference": "#0096a0"}
 
 
 def base_image(image: np.ndarray, channel: str = "FLAIR") -> np.ndarray:

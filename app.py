@@ -21,29 +21,32 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home, from any Blocks or launch of this process
 
-import argparse  # noqa: E402  (after the analytics setting above, which gradio reads on import)
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import FrameType, SimpleNamespace  # noqa: E402
+# The imports come after the analytics setting above, which gradio reads when it is imported.
+import argparse
+import ctypes
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, SimpleNamespace
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-from gradio_client import handle_file  # noqa: E402
+import gradio as gr
+import numpy as np
+from gradio_client import handle_file
 
-from unet import nifti, render, viewer  # noqa: E402
-from unet.examples import Example, example_volume, load_examples  # noqa: E402
-from unet.nifti import NiftiVolume  # noqa: E402
-from unet.reader import ReadError, Slice, read_mask, read_slice  # noqa: E402
-from unet.segmenter import Segmenter  # noqa: E402
-from unet.serving import SHIPPED_MODEL_DIR, ServingModel, load_for_serving  # noqa: E402
-from unet.uploads import MAX_FILE_MB, SessionBudget, WorkFolder, read_reference, read_upload  # noqa: E402
+from unet import nifti, render, viewer
+from unet.examples import Example, example_volume, load_examples
+from unet.nifti import NiftiVolume
+from unet.reader import ReadError, Slice, read_mask, read_slice
+from unet.segmenter import Segmenter
+from unet.serving import SHIPPED_MODEL_DIR, ServingModel, load_for_serving
+from unet.uploads import MAX_FILE_MB, SessionBudget, WorkFolder, read_reference, read_upload
 
 log = logging.getLogger("app")
+LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None  # malloc_trim: glibc only
 
 ROOT = Path(__file__).resolve().parent
 SESSION_TTL_S = 600  # what a session keeps (slice, probabilities) is dropped this long after its last use
@@ -391,6 +394,7 @@ class Events:
         threshold: float,
         *view: object,
     ) -> tuple:
+        release_freed_memory()
         if not paths:
             return (gr.skip(),) * 11
         paths = [paths] if isinstance(paths, str) else list(paths)
@@ -498,6 +502,7 @@ class Events:
         progress: gr.Progress = PROGRESS,
     ) -> tuple:
         """(upload box, summary, chart, download, scrubber, axial, caption, coronal, sagittal, session)."""
+        release_freed_memory()
         if not paths:
             return (gr.skip(),) * 10
         # The box adds a new drop to what it shows: only the files not used last time are the new volume.
@@ -606,6 +611,7 @@ class Events:
     def on_volume_threshold(
         self, session: VolumeSession | None, threshold: float, channel: str, position: float
     ) -> tuple:
+        release_freed_memory()
         if session is None:
             return (gr.skip(),) * 8
         return self.show_volume(session, threshold, channel, int(position))
@@ -622,6 +628,7 @@ class Events:
         NIfTI (FLAIR alone, or ``*_flair``/``*_pre``/``*_post``/``*_mask``); threshold: 0.01..0.99 (model default if
         empty). Returns the masks (NIfTI in: a .nii.gz label volume on the input's grid; else a zip of PNGs) and a
         summary (per-slice pixels, Dice where references came, tumor_volume_ml for NIfTI)."""
+        release_freed_memory()
         try:
             if not files:
                 raise ReadError("no files given")
@@ -640,6 +647,7 @@ class Events:
     def api_segment(self, image: str, threshold: float | None) -> tuple[str, str, dict]:
         """Segment one MRI slice. image: a PNG, JPEG or TIFF file; threshold: 0.01..0.99 (model default if empty).
         Returns the overlay PNG, the mask PNG (0/255) and a summary (tumor_pixels, tumor_share_of_brain, ...)."""
+        release_freed_memory()
         try:
             if not image:
                 raise ReadError("no image given")
@@ -686,6 +694,13 @@ def launch(
     SessionBudget().install(demo.state_holder)
     if not prevent_thread_lock:
         demo.block_thread()
+
+
+def release_freed_memory() -> None:
+    """Give back to the system what earlier requests freed. glibc keeps freed memory of a thread's arena mapped, so
+    without this each large request would start from the last one's high-water mark (issue 26's memory bound)."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -23,9 +23,9 @@ MAX_DECODED_BYTES = MAX_SIDE * MAX_SIDE * 3 * 4  # a float32 colour image at ful
 # allocating it, so a small compressed file cannot claim gigabytes.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_SIDE * MAX_SIDE))
 
-import cv2  # noqa: E402  (after the pixel limit above)
-import numpy as np  # noqa: E402
-from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError  # noqa: E402
+import cv2  # after the pixel limit above
+import numpy as np
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")  # Pillow's names: the allow-list
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

@@ -28,18 +28,20 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from unet.reader import SUFFIXES, ReadError, Slice, read_mask, read_slice
+from unet.reader import MAX_SIDE, SUFFIXES, ReadError, Slice, read_mask, read_slice
 
 log = logging.getLogger(__name__)
 
 MAX_FILE_MB = 50  # one file or one zip entry
 MAX_REQUEST_MB = 200  # all files and zip entries of one request together
 MAX_VOLUME_SLICES = 200
-MAX_VOLUME_PIXELS = 200 * 512 * 512  # decoded pixels of a volume's slices (and, apart, of its masks)
+# Decoded pixels of a volume's slices (and, apart, of its masks): two full-size slices, or 128 slices of 512 x 512.
+# What a volume costs to segment and redraw grows with it; this keeps the server under its memory bound.
+MAX_VOLUME_PIXELS = 2 * MAX_SIDE * MAX_SIDE
 MAX_NAME_CHARS = 245  # a longer name cannot become a file name on most file systems (255 bytes with a suffix)
 CHUNK = 2**20  # bytes read from a zip entry at a time: what an entry can inflate to before the cap is checked
 MASK_SUFFIX = "_mask"
-MAX_KEPT_MB = 256  # what all sessions together keep for their sliders (see SessionBudget)
+MAX_KEPT_MB = 128  # what all sessions together keep for their sliders (see SessionBudget): 4 volumes of 60 slices
 MAX_DOWNLOADS_MB = 256  # the derived files (downloads, views) the work folder keeps on disk (see WorkFolder)
 
 

@@ -197,16 +197,22 @@ def load_processing(folder: str | Path, config: dict) -> tuple[Preprocessing, Po
     )
 
 
-def _read_settings(path: Path, kind: type) -> Preprocessing | Postprocessing:
-    """A settings file as ``kind``, or ValueError naming the file and what is wrong."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in model folder {path.parent}")
+def read_settings_file(path: Path) -> dict:
+    """A model folder's JSON settings file as a dict, or ValueError naming the file."""
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{path} holds a JSON {type(settings).__name__}, not settings")
+        raise ValueError(f"{path} holds a JSON {type(settings).__name__}, not the model's settings")
+    return settings
+
+
+def _read_settings(path: Path, kind: type) -> Preprocessing | Postprocessing:
+    """A settings file as ``kind``, or ValueError naming the file and what is wrong."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in model folder {path.parent}")
+    settings = read_settings_file(path)
     known = [field.name for field in dataclasses.fields(kind)]
     unknown = sorted(settings.keys() - set(known))
     if unknown:  # a misspelt key would silently fall back to its default: another model than the one scored

@@ -12,7 +12,6 @@ whole-volume step (the largest 3D component) where the post-processing asks for 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,7 +24,14 @@ from safetensors.torch import load_model as load_safetensors
 from unet.device import autocast_for
 from unet.hub import resolve_model_dir
 from unet.model import ARCHITECTURE_KEYS, UNet
-from unet.processing import LEGACY_DEFAULTS, Postprocessing, Preprocessing, load_processing, save_processing
+from unet.processing import (
+    LEGACY_DEFAULTS,
+    Postprocessing,
+    Preprocessing,
+    load_processing,
+    read_settings_file,
+    save_processing,
+)
 
 
 class Segmenter:
@@ -128,12 +134,7 @@ class Segmenter:
 
 def read_config(path: Path) -> dict:
     """config.json as a dict of known settings, or ValueError naming the file."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the model's settings")
+    config = read_settings_file(path)
     unknown = sorted(config.keys() - set(ARCHITECTURE_KEYS) - set(LEGACY_DEFAULTS))
     if unknown:  # a misspelt key would silently fall back to its default: another model than the one scored
         raise ValueError(f"{path}: unknown setting {unknown[0]!r}; config.json takes {', '.join(ARCHITECTURE_KEYS)}")

@@ -920,7 +920,7 @@ def test_the_probability_map_has_a_colour_bar_with_the_threshold():
     prob = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     picture = viewer.probability_with_colorbar(prob, 0.5)
     assert picture.shape == (64, 64 + viewer.BAR_WIDTH, 3) and picture.dtype == np.uint8
-    assert np.array_equal(picture[:, :64], render.probability_image(prob))
+    assert np.array_equal(picture[:, :64], viewer.probability_image(prob))
     bar = picture[:, 64 + 6 : 64 + 20]
     assert bar[8, 5].sum() > bar[-8, 5].sum()  # bright (1) at the top, dark (0) at the bottom
 

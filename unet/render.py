@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from unet import viewer
 from unet.metrics import dice, pixel_counts
 from unet.nifti import NiftiVolume, is_nifti_name, read_nifti_volume
 from unet.reader import ReadError, read_slice
@@ -47,21 +47,12 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
 
 def draw_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
     """The slice with the predicted tumor filled and outlined in red (reference outlined in blue)."""
-    out = np.array(image, np.uint8, order="C")  # only the tumor's pixels are blended: no float copy of the slice
-    blended = image[mask].astype(np.float32) * (1 - FILL_ALPHA) + np.array(PRED_COLOR, np.float32) * FILL_ALPHA
-    out[mask] = blended.round().astype(np.uint8)
-    thickness = max(1, round(max(image.shape[:2]) / 256))
-    for outline, color in ((mask, PRED_COLOR), (reference, REF_COLOR)):
-        if outline is not None and outline.any():
-            contours, _ = cv2.findContours(outline.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(out, contours, -1, color, thickness)
+    out = np.array(image, np.uint8, order="C")
+    viewer.blend(out, mask, PRED_COLOR, FILL_ALPHA)
+    thickness = viewer.outline_thickness(image.shape)
+    viewer.outline(out, mask, PRED_COLOR, thickness)
+    viewer.outline(out, reference, REF_COLOR, thickness)
     return out
-
-
-def probability_image(prob: np.ndarray) -> np.ndarray:
-    """Probability map in the inferno colour map, as RGB (OpenCV's colour maps are BGR)."""
-    levels = (np.clip(prob.astype(np.float32, copy=False), 0, 1) * 255).round().astype(np.uint8)
-    return np.ascontiguousarray(cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO)[..., ::-1])
 
 
 def compact_probability(prob: np.ndarray, model_size: int) -> np.ndarray:
@@ -160,20 +151,6 @@ def volume_name(names: Sequence[str]) -> str:
     return (shared_prefix(names) if len(names) > 1 else names[0]).rstrip("_- ") or "volume"
 
 
-class Float32View(Sequence):
-    """Probability maps kept as float16 (or float32) seen as float32 one at a time: thresholds compare in float32,
-    and no float32 copy of a whole volume is made."""
-
-    def __init__(self, maps: Sequence[np.ndarray]) -> None:
-        self.maps = maps
-
-    def __len__(self) -> int:
-        return len(self.maps)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.maps[index].astype(np.float32, copy=False)
-
-
 @dataclass
 class VolumeResult:
     masks: list[np.ndarray]
@@ -184,14 +161,16 @@ class VolumeResult:
 def volume_masks(segmenter: Segmenter, probs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str, int]:
     """(masks, the whole-volume step's state, pixels it removed): the segmenter's volume masks, or its slice masks
     where the slices differ in size and cannot be stacked."""
-    probs = Float32View(probs)
-    if len({p.shape for p in probs.maps}) > 1:
-        return [segmenter.slice_mask(p) for p in probs], "skipped: the slices differ in size", 0
-    masks = list(segmenter.volume_masks(probs))
+    # Each slice's mask once; the whole-volume step (what Segmenter.volume_masks adds) on top of them, so the
+    # pixels it removed are counted without post-processing every slice a second time. Maps kept as float16 are
+    # compared in float32 one at a time: no float32 copy of a whole volume.
+    slice_masks = [segmenter.slice_mask(p.astype(np.float32, copy=False)) for p in probs]
+    if len({m.shape for m in slice_masks}) > 1:
+        return slice_masks, "skipped: the slices differ in size", 0
     if not segmenter.postprocessing.largest_3d_component:
-        return masks, "off", 0
-    before = sum(int(segmenter.slice_mask(p).sum()) for p in probs)
-    return masks, "on", before - sum(int(m.sum()) for m in masks)
+        return slice_masks, "off", 0
+    masks = segmenter.postprocessing.volume_masks(np.stack(slice_masks))
+    return list(masks), "on", sum(int(m.sum()) for m in slice_masks) - int(masks.sum())
 
 
 def volume_result(

@@ -42,15 +42,24 @@ def base_image(image: np.ndarray, channel: str = "FLAIR") -> np.ndarray:
     return np.repeat(image[..., index : index + 1], 3, axis=2)
 
 
-def _outline(out: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int], thickness: int) -> None:
+def outline_thickness(shape: tuple[int, ...]) -> int:
+    """Outlines one pixel wide on a 256 px slice, as wide relative to the slice on a larger one."""
+    return max(1, round(max(shape[:2]) / 256))
+
+
+def outline(out: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int], thickness: int) -> None:
+    """Draw the outer contours of ``mask`` onto the uint8 RGB picture ``out``, in place."""
     if mask is not None and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, color, thickness)
 
 
-def _blend(out: np.ndarray, where: np.ndarray, color: tuple[int, int, int], opacity: float) -> None:
+def blend(out: np.ndarray, where: np.ndarray, color: tuple[int, int, int], opacity: float) -> None:
+    """Mix ``color`` into the uint8 RGB picture ``out`` where ``where`` is set, in place: only those pixels go
+    through float32, never a float copy of the whole picture (a 4096 px slice would take 200 MB)."""
     if where.any():
-        out[where] = out[where] * (1 - opacity) + np.array(color, np.float32) * opacity
+        mixed = out[where].astype(np.float32) * (1 - opacity) + np.array(color, np.float32) * opacity
+        out[where] = mixed.round().astype(np.uint8)
 
 
 def draw_view(
@@ -64,18 +73,17 @@ def draw_view(
     """The slice as a reader sees it: ``channel`` in grayscale (or the composite), the prediction filled at
     ``opacity`` or outlined, the reference outlined in cyan; with a reference and a fill, hits, false positives
     and misses each in their own colour."""
-    out = base_image(image, channel).astype(np.float32)
-    thickness = max(1, round(max(image.shape[:2]) / 256))
+    out = np.array(base_image(image, channel), np.uint8, order="C")  # a copy: the caller's slice stays as it is
     if style != "Outline":
         if reference is None:
-            _blend(out, mask, PREDICTION, opacity)
-        else:
-            _blend(out, mask & reference, HIT, opacity)
-            _blend(out, mask & ~reference, FALSE_POSITIVE, opacity)
-            _blend(out, reference & ~mask, MISS, opacity)
-    out = np.ascontiguousarray(out.round().astype(np.uint8))
-    _outline(out, mask, PREDICTION, thickness)
-    _outline(out, reference, REFERENCE, thickness)
+            blend(out, mask, PREDICTION, opacity)
+        else:  # three disjoint regions
+            blend(out, mask & reference, HIT, opacity)
+            blend(out, mask & ~reference, FALSE_POSITIVE, opacity)
+            blend(out, reference & ~mask, MISS, opacity)
+    thickness = outline_thickness(image.shape)
+    outline(out, mask, PREDICTION, thickness)
+    outline(out, reference, REFERENCE, thickness)
     return out
 
 
@@ -100,12 +108,17 @@ def legend_html(has_reference: bool, style: str = "Filled") -> str:
     return " &nbsp; ".join(items)
 
 
+def probability_image(prob: np.ndarray) -> np.ndarray:
+    """Probability map in the inferno colour map, as RGB (OpenCV's colour maps are BGR)."""
+    levels = (np.clip(prob.astype(np.float32, copy=False), 0, 1) * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO)[..., ::-1])
+
+
 def probability_with_colorbar(prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """The tumor probability in the inferno colour map, with a labelled colour bar (0 to 1) to its right and,
     where given, the threshold marked on the bar."""
     height = prob.shape[0]
-    levels = (np.clip(prob.astype(np.float32, copy=False), 0, 1) * 255).round().astype(np.uint8)
-    heat = cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO)[..., ::-1]
+    heat = probability_image(prob)
     panel = np.full((height, BAR_WIDTH, 3), 255, np.uint8)
     margin = max(6, height // 32)
     bar_height = height - 2 * margin

@@ -233,8 +233,8 @@ def volume_tab(segmenter: Segmenter, threshold: float, has_example: bool) -> Sim
     )
     if segmenter.postprocessing.largest_3d_component:
         help_text += (
-            " As the model's config asks, only the largest 3D tumor component across the slices is kept, "
-            "a step a single slice cannot take."
+            f" As the model's config asks, only the largest 3D tumor component across the slices (by "
+            f"{segmenter.postprocessing.largest_3d_component_by}) is kept, a step a single slice cannot take."
         )
     gr.Markdown(help_text, elem_id="volume-help")
     with gr.Row():

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -159,6 +160,34 @@ def test_frame_masks_take_volumes_in_slice_order_per_patient():
 
     assert predicted_pixels(Postprocessing()) == [16, 25, 16, 16, 25]
     assert predicted_pixels(Postprocessing(largest_3d_component=True)) == [16, 0, 16, 0, 25]
+    # by summed probability, patient B's 25-pixel blob at 0.6 (15) loses to the 16-pixel one at 1.0
+    probs[1] = probs[4] = big * 0.6
+    by_probability = Postprocessing(threshold=0.5, largest_3d_component=True, largest_3d_component_by="probability")
+    assert predicted_pixels(by_probability) == [16, 0, 16, 16, 0]
+    assert predicted_pixels(dataclasses.replace(by_probability, largest_3d_component_by="voxels")) == [16, 0, 16, 0, 25]
+
+
+def test_largest_volume_component_by_probability_keeps_the_surer_tumor_over_a_wider_faint_blob():
+    # issue 28's DU_5852 in small: what the network kept of a tumor has fewer voxels than a faint false blob
+    volume = np.zeros((3, 16, 16), bool)
+    probs = np.zeros((3, 16, 16), np.float32)
+    volume[0:2, 1:5, 1:5] = True  # 32 voxels at 0.95: 30.4
+    probs[0:2, 1:5, 1:5] = 0.95
+    volume[2, 8:14, 8:14] = True  # 36 voxels at 0.55: 19.8
+    probs[2, 8:14, 8:14] = 0.55
+    assert keep_largest_volume_component(volume).sum() == 36
+    kept = keep_largest_volume_component(volume, list(probs))
+    assert kept.sum() == 32 and kept[0:2, 1:5, 1:5].all()
+    assert (
+        Postprocessing(largest_3d_component=True, largest_3d_component_by="probability").volume_masks(volume, probs)
+        == kept
+    ).all()
+    with pytest.raises(ValueError, match="needs each slice's probability map"):
+        Postprocessing(largest_3d_component=True, largest_3d_component_by="probability").volume_masks(volume)
+    with pytest.raises(ValueError, match="largest_3d_component_by must be voxels or probability, got 'mass'"):
+        Postprocessing(largest_3d_component_by="mass")
+    assert Postprocessing(largest_3d_component=True).volume_step == "largest 3D component by voxels"
+    assert Postprocessing().volume_step == "off"
 
 
 def test_a_probability_equal_to_the_threshold_is_tumor():

@@ -321,6 +321,14 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path, capsy
     # each patient's Dice is the one its own fold's model measured at the end of training
     expected = {**models[0]["test"]["per_patient_dice"], **models[1]["test"]["per_patient_dice"]}
     assert pooled["per_patient_dice"] == pytest.approx(expected, abs=1e-3)
+    # the per-fold table: each fold's own test patients and scores
+    assert [fold["model"] for fold in pooled["folds"]] == folds
+    for fold, model in zip(pooled["folds"], models):
+        assert fold["patients"] == len(model["splits"]["test"])
+        assert fold["patient_dice_mean"] == pytest.approx(model["test"]["patient_dice_mean"], abs=1e-3)
+    assert evaluate_main(["--data-dir", str(data_dir), "--cv", *folds, "--largest-3d-component", "probability"]) == 0
+    table = capsys.readouterr().out
+    assert "largest 3D component by probability" in table and table.count("\n0     ") + table.count("\n1     ") == 2
 
     twice = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", folds[0], folds[0]])
     assert twice.returncode == 2 and "which another fold tests too" in twice.stderr
@@ -370,6 +378,25 @@ def test_tuning_keeps_the_largest_3d_component_only_where_validation_gains(monke
     chosen = tuning.tune_postprocessing(tuning_segmenter(), val_df)
     # every threshold and area scores the same here: a tie goes to the first, simplest setting
     assert chosen == Postprocessing(threshold=0.3, min_component_area=0, largest_3d_component=not stray_is_tumor)
+
+
+def test_tuning_measures_the_3d_component_by_probability_where_voxels_would_keep_a_false_blob(monkeypatch):
+    # A tumor the network is sure of (0.99) on three slices of 121 px, 363 voxels, and on slice 5 a false 400-px
+    # blob at 0.75: above every threshold and minimum area tried, with more voxels but less summed probability
+    # (300 against 359). By voxels the 3D step keeps the blob and loses the tumor; by probability the reverse.
+    from unet import tuning
+
+    probs = [np.zeros((64, 64), np.float32) for _ in range(6)]
+    targets = [np.zeros((64, 64), bool) for _ in range(6)]
+    for k in (1, 2, 3):
+        probs[k][10:21, 10:21] = 0.99
+        targets[k][10:21, 10:21] = True
+    probs[5][30:50, 30:50] = 0.75
+    val_df = pd.DataFrame({"patient": ["P"] * 6, "slice": [1, 2, 3, 4, 5, 6]})
+    monkeypatch.setattr(tuning, "predict_frame", lambda segmenter, df, progress=True: (probs, targets))
+    chosen = tuning.tune_postprocessing(tuning_segmenter(), val_df)
+    assert chosen.largest_3d_component is True and chosen.largest_3d_component_by == "probability"
+    assert chosen.threshold == 0.3 and chosen.min_component_area == 0  # ties go to the first
 
 
 @pytest.mark.parametrize("consider_tta", [False, True])

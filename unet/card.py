@@ -129,7 +129,7 @@ def processing_values(preprocessing: Preprocessing | None, postprocessing: Postp
         f"threshold {p.threshold}, minimum component area {p.min_component_area} px, "
         f"hole filling {'on' if p.fill_holes else 'off'}, "
         f"flip test-time augmentation {'on' if p.tta_flips else 'off'}, "
-        f"largest 3D component per patient {'on' if p.largest_3d_component else 'off'}"
+        f"whole-volume step: {p.volume_step}"
     )
     return values | {"post": post, "volume_step": p.largest_3d_component}
 

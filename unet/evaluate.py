@@ -3,6 +3,7 @@
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --model models/brain-mri-unet --split test --json
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --cv runs/cv-*/model     # pool k-fold runs
     ... --largest-3d-component off      # exactly the masks of the app's one-slice tab
+    ... --largest-3d-component probability   # the 3D step, its component chosen by summed probability
 
 Post-processing is the model's own (postprocessor_config.json), whole-volume step included, unless overridden.
 ``--split`` takes the patients train.py recorded in the model's metrics.json, so a model is tested on its own test
@@ -24,6 +25,7 @@ from unet.device import pick_device
 from unet.evaluation import evaluate, evaluate_folds, recorded_metrics, select_patients
 from unet.hub import redact, resolve_model_dir
 from unet.metrics import json_safe
+from unet.processing import VOLUME_COMPONENT_MEASURES
 from unet.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,11 @@ log = logging.getLogger(__name__)
 # How a split is worked out again for a model that did not record one; a recorded split makes them moot.
 SPLIT_RECIPE_OPTIONS = ("seed", "folds", "fold", "val_fraction", "test_fraction")
 SPLIT_OPTIONS = ("split", "patients", *SPLIT_RECIPE_OPTIONS)
-SWITCH = {"config": None, "on": True, "off": False}  # --largest-3d-component / --fill-holes
+SWITCH = {"config": None, "on": True, "off": False}  # --fill-holes
+# --largest-3d-component: each choice as the post-processing settings it overrides
+VOLUME_STEP = {"config": {}, "on": {"largest_3d_component": True}, "off": {"largest_3d_component": False}} | {
+    measure: {"largest_3d_component": True, "largest_3d_component_by": measure} for measure in VOLUME_COMPONENT_MEASURES
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,9 +52,16 @@ def format_table(metrics: dict) -> str:
     low, high = metrics["patient_dice_ci95"]
     lines.insert(1, f"{'patient_dice_ci95':<24}{low:.4f} to {high:.4f}")
     lines.append(f"{'worst_patient':<24}{metrics['worst_patient']}")
-    lines.append(f"{'largest_3d_component':<24}{metrics.get('largest_3d_component', False)}")
+    lines.append(f"{'volume_step':<24}{metrics.get('volume_step', 'off')}")
     patients = f"{metrics['patients']} / {metrics['slices']} ({metrics['tumor_slices']} with tumor)"
     lines.append(f"{'patients / slices':<24}{patients}")
+    if metrics.get("folds"):
+        lines += ["", "fold  patients  mean    median  worst   healthy FP  worst patient"]
+        lines += [
+            f"{k:<6}{f['patients']:<10}{f['patient_dice_mean']:<8.4f}{f['patient_dice_median']:<8.4f}"
+            f"{f['patient_dice_min']:<8.4f}{f['healthy_fp_rate']:<12.3f}{f['worst_patient']}"
+            for k, f in enumerate(metrics["folds"])
+        ]
     return "\n".join(lines)
 
 
@@ -106,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--largest-3d-component",
-        choices=list(SWITCH),
+        choices=list(VOLUME_STEP),
         default="config",
         help="keep only each patient's largest 3D connected component (whole-volume post-processing, "
         "as in Buda et al.'s reference code): as the model's postprocessor_config.json says "
-        "(default), or force it on or off; off gives exactly the masks of the app's one-slice tab",
+        "(default), force it on (measured as the config says) or off, or on measured by voxels or by summed "
+        "probability; off gives exactly the masks of the app's one-slice tab",
     )
     parser.add_argument(
         "--fill-holes",
@@ -138,11 +152,9 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, nam
 
 def run(args: argparse.Namespace, named: set[str]) -> dict:
     """The metrics the command line asks for; the library's errors pass through."""
-    override = {
-        name: SWITCH[choice]
-        for name, choice in (("largest_3d_component", args.largest_3d_component), ("fill_holes", args.fill_holes))
-        if SWITCH[choice] is not None
-    }
+    override = dict(VOLUME_STEP[args.largest_3d_component])
+    if SWITCH[args.fill_holes] is not None:
+        override["fill_holes"] = SWITCH[args.fill_holes]
     options = {"device": pick_device(args.device), "precision": args.precision, "batch_size": args.batch_size}
     if args.cv:
         return evaluate_folds(args.cv, scan_dataset(args.data_dir), override, **options)

@@ -23,6 +23,16 @@ from unet.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
+# what the per-fold table of a cross-validation shows of each fold
+FOLD_KEYS = (
+    "patients",
+    "patient_dice_mean",
+    "patient_dice_median",
+    "patient_dice_min",
+    "worst_patient",
+    "healthy_fp_rate",
+)
+
 
 def predict_frame(
     segmenter: Segmenter, df: pd.DataFrame, progress: bool = True
@@ -49,8 +59,10 @@ def frame_masks(segmenter: Segmenter, probs: Sequence[np.ndarray], df: pd.DataFr
 def score(segmenter: Segmenter, probs: Sequence[np.ndarray], targets: Sequence[np.ndarray], df: pd.DataFrame) -> dict:
     """`unet.metrics.summarize` of the masks the segmenter's post-processing makes of ``probs`` (rows of ``df``)."""
     counts = pixel_counts(frame_masks(segmenter, probs, df), np.stack(targets))
+    post = segmenter.postprocessing
     return summarize(counts, list(df["patient"])) | {
-        "largest_3d_component": segmenter.postprocessing.largest_3d_component
+        "largest_3d_component": post.largest_3d_component,
+        "volume_step": post.volume_step,
     }
 
 
@@ -67,7 +79,8 @@ def evaluate_folds(
 
     ``override`` changes each fold's post-processing (e.g. ``{"largest_3d_component": False}``); ``options`` go to
     each `Segmenter` (device, precision, batch_size). The slices' pixel counts are pooled before summarising, so
-    every metric is exactly what one evaluation over all the tested patients would give.
+    every metric is exactly what one evaluation over all the tested patients would give; ``folds`` adds each
+    fold's own figures (`FOLD_KEYS`) for the per-fold table.
     """
     tests, tested = [], set()
     for model_dir in model_dirs:  # check every fold before evaluating any
@@ -81,18 +94,24 @@ def evaluate_folds(
             raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
         tested |= set(test)
         tests.append(patient_rows(df, test))
-    counts, patients, volume_step = [], [], set()
+    counts, patients, folds = [], [], []
     for model_dir, part in zip(model_dirs, tests):
         segmenter = Segmenter.from_pretrained(model_dir, **options)
         segmenter = segmenter.with_postprocessing(**(override or {}))
         probs, targets = predict_frame(segmenter, part)
         counts.append(pixel_counts(frame_masks(segmenter, probs, part), np.stack(targets)))
         patients += list(part["patient"])
-        volume_step.add(segmenter.postprocessing.largest_3d_component)
+        fold = summarize(counts[-1], list(part["patient"]))
+        post = segmenter.postprocessing
+        folds.append({"model": str(model_dir), "volume_step": post.volume_step} | {k: fold[k] for k in FOLD_KEYS})
     log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
     metrics = summarize(np.concatenate(counts), patients)
-    metrics["largest_3d_component"] = volume_step.pop() if len(volume_step) == 1 else "per fold config"
-    return metrics
+    for key, values in (
+        ("largest_3d_component", {f["volume_step"] != "off" for f in folds}),
+        ("volume_step", {f["volume_step"] for f in folds}),
+    ):
+        metrics[key] = values.pop() if len(values) == 1 else "per fold config"
+    return metrics | {"folds": folds}
 
 
 def recorded_metrics(model_dir: str | Path) -> dict:

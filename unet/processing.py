@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ POSTPROCESSOR_FILE = "postprocessor_config.json"
 # on the 42 training patients of the 60-patient subset's default split: used by normalization="dataset" only.
 LGG_MEAN = (0.1018, 0.0848, 0.0890)
 LGG_STD = (0.1432, 0.1256, 0.1315)
+VOLUME_COMPONENT_MEASURES = ("voxels", "probability")  # what the largest 3D component is measured by
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class Postprocessing:
     fill_holes: bool = False  # fill the holes of the components kept
     tta_flips: bool = False  # average the logits of the slice and its left-right mirror
     largest_3d_component: bool = False  # whole volumes: keep only each patient's largest 3D component
+    # what "largest" measures: "voxels" (Buda et al.'s reference code) or "probability", the sum of the network's
+    # probabilities over the component, so a wide faint blob cannot outweigh a smaller tumor the network is sure of
+    largest_3d_component_by: str = "voxels"
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:  # NaN fails too
@@ -90,6 +95,16 @@ class Postprocessing:
         for name in ("fill_holes", "tta_flips", "largest_3d_component"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.largest_3d_component_by not in VOLUME_COMPONENT_MEASURES:
+            raise ValueError(
+                f"largest_3d_component_by must be {' or '.join(VOLUME_COMPONENT_MEASURES)}, "
+                f"got {self.largest_3d_component_by!r}"
+            )
+
+    @property
+    def volume_step(self) -> str:
+        """The whole-volume step in words: "off", or what the largest 3D component is measured by."""
+        return f"largest 3D component by {self.largest_3d_component_by}" if self.largest_3d_component else "off"
 
     def slice_mask(self, prob: np.ndarray, area_size: int | None = None) -> np.ndarray:
         """Probability map (H, W) -> bool mask: threshold, drop small components, fill the holes of the rest.
@@ -111,9 +126,18 @@ class Postprocessing:
             return fill_mask_holes(mask.astype(bool))
         return mask.astype(bool)
 
-    def volume_masks(self, masks: np.ndarray) -> np.ndarray:
-        """(S, H, W) slice masks of one patient in slice order -> the same, after the whole-volume step."""
-        return keep_largest_volume_component(masks) if self.largest_3d_component else masks.astype(bool)
+    def volume_masks(self, masks: np.ndarray, probs: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """(S, H, W) slice masks of one patient in slice order -> the same, after the whole-volume step.
+
+        ``probs``, the slices' probability maps, are needed where the largest component is measured by probability.
+        """
+        if not self.largest_3d_component:
+            return masks.astype(bool)
+        if self.largest_3d_component_by == "voxels":
+            return keep_largest_volume_component(masks)
+        if probs is None or len(probs) != len(masks):
+            raise ValueError("the largest 3D component by probability needs each slice's probability map")
+        return keep_largest_volume_component(masks, probs)
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "slice") -> torch.Tensor:
@@ -162,16 +186,27 @@ def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
     return mask | (outside[1:-1, 1:-1] == 0)
 
 
-def keep_largest_volume_component(masks: np.ndarray) -> np.ndarray:
-    """(S, H, W) masks of one patient's slices, in slice order -> only the largest 3D connected component.
+def keep_largest_volume_component(masks: np.ndarray, probs: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """(S, H, W) masks of one patient's slices, in slice order -> only the largest 3D connected component: the one
+    with the most voxels, or with ``probs`` (each slice's probability map) the greatest sum of probabilities.
 
     As Buda et al.'s reference code does: a stray blob that touches no other slice's tumor is far more often a false
     positive than a second lesion. It needs the patient's neighbouring slices, so one slice alone never gets it.
+    Where the network misses most of a tumor, what it kept of it can have fewer voxels than a faint false blob
+    (issue 28: DU_5852, 576 against 582); summed probability still ranks the tumor first.
     """
     labels, count = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
     if count <= 1:
         return masks.astype(bool)
-    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    if probs is None:
+        sizes = np.bincount(labels.ravel())[1:]
+    else:  # slice by slice, over the marked pixels only: no float64 copy of a whole volume
+        sizes = np.zeros(count + 1)
+        for slice_labels, prob in zip(labels, probs):
+            marked = slice_labels > 0
+            sizes += np.bincount(slice_labels[marked], weights=np.asarray(prob)[marked], minlength=count + 1)
+        sizes = sizes[1:]
+    return labels == 1 + int(np.argmax(sizes))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +280,10 @@ LEGACY_DEFAULTS = {
     "fill_holes": False,
     "tta_flips": False,
     "largest_3d_component": False,
+    "largest_3d_component_by": "voxels",
 }
+# settings that came after the flat config.json: no flat file ever had them, so their absence is no news
+NEWER_THAN_LEGACY = ("context_slices", "largest_3d_component_by")
 
 
 def _from_legacy_config(path: Path, legacy: dict) -> tuple[Preprocessing, Postprocessing]:
@@ -255,8 +293,8 @@ def _from_legacy_config(path: Path, legacy: dict) -> tuple[Preprocessing, Postpr
             "in brain-mri-unet 0.3 (EXPERIMENTS.md names the commit that still reads it)"
         )
     settings = LEGACY_DEFAULTS | legacy
-    # a one-slice model never wrote context_slices: its absence is no news
-    _warn_missing(path, [key for key in LEGACY_DEFAULTS if key not in legacy and key != "context_slices"])
+    # a one-slice model never wrote context_slices
+    _warn_missing(path, [key for key in LEGACY_DEFAULTS if key not in legacy and key not in NEWER_THAN_LEGACY])
     log.info("%s is a flat config of an earlier brain-mri-unet: its processing settings are read from it", path)
     try:
         pre = Preprocessing(**{f.name: settings[f.name] for f in dataclasses.fields(Preprocessing)})

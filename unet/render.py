@@ -169,7 +169,7 @@ def volume_masks(segmenter: Segmenter, probs: Sequence[np.ndarray]) -> tuple[lis
         return slice_masks, "skipped: the slices differ in size", 0
     if not segmenter.postprocessing.largest_3d_component:
         return slice_masks, "off", 0
-    masks = segmenter.postprocessing.volume_masks(np.stack(slice_masks))
+    masks = segmenter.postprocessing.volume_masks(np.stack(slice_masks), probs)
     return list(masks), "on", sum(int(m.sum()) for m in slice_masks) - int(masks.sum())
 
 

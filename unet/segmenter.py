@@ -6,7 +6,8 @@
 
 Evaluation, tuning, the app, the benchmarks and the Hub examples all go through this class, so a mask is made
 one way wherever it is made. A slice on its own gets the per-slice post-processing; a volume also gets the
-whole-volume step (the largest 3D component) where the post-processing asks for it.
+whole-volume step (the largest 3D component, by voxels or by summed probability) where the post-processing asks
+for it.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Segmenter:
         included where the post-processing asks for it."""
         if len({np.shape(p) for p in probs}) > 1:
             raise ValueError("the slices of a volume must all have one size")
-        return self.postprocessing.volume_masks(np.stack([self.slice_mask(p) for p in probs]))
+        return self.postprocessing.volume_masks(np.stack([self.slice_mask(p) for p in probs]), probs)
 
     def segment_slice(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One slice -> (mask, probabilities)."""

@@ -330,6 +330,21 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path, capsy
     table = capsys.readouterr().out
     assert "largest 3D component by probability" in table and table.count("\n0     ") + table.count("\n1     ") == 2
 
+    # recorded into a model folder: the file, and the card that now leads with it
+    shipped = shutil.copytree(folds[0], tmp_path / "shipped")
+    assert evaluate_main(["--data-dir", str(data_dir), "--cv", *folds, "--record", str(shipped), "--json"]) == 0
+    recorded = json.loads((shipped / "cross_validation.json").read_text())
+    assert recorded["patient_dice_mean"] == pytest.approx(pooled["patient_dice_mean"], abs=1e-9)
+    assert [fold["model"] for fold in recorded["folds"]] == ["cv-0/model", "cv-1/model"]  # no machine paths
+    assert recorded["folds"][1]["command"] == models[1]["command"]
+    assert str(tmp_path) not in (shipped / "cross_validation.json").read_text()
+    card = (shipped / "README.md").read_text()
+    assert f"mean patient Dice **{pooled['patient_dice_mean']:.4f}**" in card
+    assert "2-fold cross-validation of its recipe over" in card and "| cv-1/model |" in card
+    assert "dataset_split: cross-validation" in card or "split: cross-validation" in card
+    refused = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--model", folds[0], "--record", str(shipped)])
+    assert refused.returncode == 2 and "--record writes a cross-validation: it needs --cv" in refused.stderr
+
     twice = run(["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", folds[0], folds[0]])
     assert twice.returncode == 2 and "which another fold tests too" in twice.stderr
     assert len(twice.stderr.strip().splitlines()) == 1

@@ -16,9 +16,11 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from unet.model import ARCHITECTURE_KEYS
-from unet.processing import Postprocessing, Preprocessing, load_processing
+from unet.processing import Postprocessing, Preprocessing, load_processing, read_settings_file
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
+# `python -m unet.evaluate --cv ... --record MODEL_DIR` writes it: the cross-validated estimate of the model's recipe
+CROSS_VALIDATION_FILE = "cross_validation.json"
 
 # The Kaggle dataset of Buda et al. (2019): 110 TCGA lower-grade glioma patients, FLAIR masks.
 DATASET_ID = "mateuszbuda/lgg-mri-segmentation"
@@ -56,26 +58,28 @@ def is_synthetic(metrics: dict) -> bool:
     return "synthetic" in str(metrics.get("data", ""))
 
 
-def card_data(metrics: dict) -> ModelCardData:
-    """The card's YAML metadata, with one model-index entry per test metric."""
+def card_data(metrics: dict, cross_validation: dict | None = None) -> ModelCardData:
+    """The card's YAML metadata, with one model-index entry per metric of the cross-validation, else of the test."""
     synthetic = is_synthetic(metrics)
-    test = metrics.get("test") or {}
-    dataset_name = (
-        "synthetic phantoms (smoke test, not real MRI)" if synthetic else f"{DATASET_NAME}, held-out test patients"
-    )
+    if cross_validation:
+        scores, split = cross_validation, "cross-validation"
+        held_out = f"{len(cross_validation.get('folds', []))}-fold cross-validation"
+    else:
+        scores, split, held_out = metrics.get("test") or {}, "test", "held-out test patients"
+    dataset_name = "synthetic phantoms (smoke test, not real MRI)" if synthetic else f"{DATASET_NAME}, {held_out}"
     results = [
         EvalResult(
             task_type="image-segmentation",
             task_name="Brain MRI FLAIR abnormality segmentation",
             dataset_type="synthetic" if synthetic else DATASET_ID,
             dataset_name=dataset_name,
-            dataset_split="test",
+            dataset_split=split,
             metric_type=metric_type,
             metric_name=name,
             metric_value=round(value, 4),
         )
         for key, metric_type, name in METRICS
-        if (value := _number(test.get(key))) is not None
+        if (value := _number(scores.get(key))) is not None
     ]
     return ModelCardData(
         model_name="brain-mri-unet",
@@ -90,8 +94,47 @@ def card_data(metrics: dict) -> ModelCardData:
 
 
 def metrics_table(metrics: dict) -> dict | None:
-    """The card's table: ``{"columns": [...], "rows": [(label, cells), ...]}``, or None with nothing recorded."""
-    splits = [(label, metrics[name]) for name, label in TABLE_SPLITS.items() if metrics.get(name)]
+    """The card's table of the model's own splits: ``{"columns": [...], "rows": [(label, cells), ...]}``, or None
+    with nothing recorded."""
+    return scores_table([(label, metrics[name]) for name, label in TABLE_SPLITS.items() if metrics.get(name)])
+
+
+def cross_validation_values(cv: dict | None) -> dict:
+    """What the card says of a recorded cross-validation: its table (with the 3D step and slice by slice), the
+    folds, the commands."""
+    if not cv:
+        return {"cv": None}
+    step = cv.get("volume_step", "off")
+    step = "each fold's 3D step" if step == "per fold config" else f"the {step}"
+    columns = [("pooled, " + (f"with {step}" if cv.get("per_slice") else "as configured"), cv)]
+    if cv.get("per_slice"):
+        columns.append(("pooled, slice by slice", cv["per_slice"]))
+    folds = [
+        {
+            "name": fold.get("model", "?"),
+            "patients": fold.get("patients", "?"),
+            "mean": f"{fold['patient_dice_mean']:.4f}",
+            "per_slice": f"{fold.get('patient_dice_mean_per_slice', float('nan')):.4f}",
+            "median": f"{fold['patient_dice_median']:.4f}",
+            "worst": f"{fold['patient_dice_min']:.4f} (`{fold.get('worst_patient', '?')}`)",
+            "fp": f"{fold['healthy_fp_rate']:.3f}",
+            "command": fold.get("command", "?"),
+        }
+        for fold in cv.get("folds", [])
+    ]
+    return {
+        "cv": {
+            "table": scores_table(columns),
+            "folds": folds,
+            "command": cv.get("command", "?"),
+            "data": cv.get("data", "?"),
+            "patients": cv.get("patients", "?"),
+        }
+    }
+
+
+def scores_table(splits: list[tuple[str, dict]]) -> dict | None:
+    """A table of METRICS, one column per (label, metrics)."""
     if not splits:
         return None
     rows = [
@@ -163,10 +206,20 @@ def model_card_text(
     preprocessing: Preprocessing | None = None,
     postprocessing: Postprocessing | None = None,
     repo_id: str | None = None,
+    cross_validation: dict | None = None,
 ) -> str:
-    """The whole README.md: YAML metadata, then the template's prose. ``architecture`` is config.json's content."""
+    """The whole README.md: YAML metadata, then the template's prose. ``architecture`` is config.json's content;
+    ``cross_validation`` a recorded `CROSS_VALIDATION_FILE`, which becomes the headline."""
     test = metrics.get("test") or {}
-    if _number(test.get("patient_dice_mean")) is not None:
+    cv = cross_validation
+    if cv and _number(cv.get("patient_dice_mean")) is not None:
+        low, high = cv.get("patient_dice_ci95") or ("?", "?")
+        headline = (
+            f"mean patient Dice **{cv['patient_dice_mean']:.4f}** (95% interval {low} to {high}; median "
+            f"{cv['patient_dice_median']:.4f}, worst {cv['patient_dice_min']:.4f}) in a "
+            f"{len(cv.get('folds', []))}-fold cross-validation of its recipe over {cv.get('patients', '?')} patients"
+        )
+    elif _number(test.get("patient_dice_mean")) is not None:
         headline = (
             f"mean patient Dice **{test['patient_dice_mean']:.4f}** on {test.get('patients', '?')} held-out patients"
         )
@@ -181,7 +234,7 @@ def model_card_text(
     else:
         described = "U-Net"
     card = ModelCard.from_template(
-        card_data(metrics),
+        card_data(metrics, cross_validation),
         template_path=str(TEMPLATE),
         synthetic=is_synthetic(metrics),
         headline=headline,
@@ -192,6 +245,7 @@ def model_card_text(
         dataset_id=DATASET_ID,
         **processing_values(preprocessing, postprocessing),
         **training_values(metrics),
+        **cross_validation_values(cross_validation),
     )
     return card.content
 
@@ -207,7 +261,9 @@ def folder_card_text(model_dir: str | Path, metrics: dict, repo_id: str | None =
         preprocessing, postprocessing = load_processing(model_dir, config)
     except FileNotFoundError:
         preprocessing = postprocessing = None
-    return model_card_text(metrics, architecture, preprocessing, postprocessing, repo_id)
+    cv_path = model_dir / CROSS_VALIDATION_FILE
+    cross_validation = read_settings_file(cv_path) if cv_path.is_file() else None
+    return model_card_text(metrics, architecture, preprocessing, postprocessing, repo_id, cross_validation)
 
 
 def write_model_card(model_dir: str | Path, metrics: dict, repo_id: str | None = None) -> Path:

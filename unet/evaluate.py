@@ -4,6 +4,7 @@
     python -m unet.evaluate --data-dir ../shared/data/lgg_subset --cv runs/cv-*/model     # pool k-fold runs
     ... --largest-3d-component off      # exactly the masks of the app's one-slice tab
     ... --largest-3d-component probability   # the 3D step, its component chosen by summed probability
+    ... --cv runs/cv-*/model --record models/brain-mri-unet   # the estimate into a model's folder and card
 
 Post-processing is the model's own (postprocessor_config.json), whole-volume step included, unless overridden.
 ``--split`` takes the patients train.py recorded in the model's metrics.json, so a model is tested on its own test
@@ -16,16 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
-from unet.card import METRICS
+from unet.card import CROSS_VALIDATION_FILE, METRICS, write_model_card
 from unet.data import DatasetError, scan_dataset
 from unet.device import pick_device
 from unet.evaluation import evaluate, evaluate_folds, recorded_metrics, select_patients
 from unet.hub import redact, resolve_model_dir
 from unet.metrics import json_safe
 from unet.processing import VOLUME_COMPONENT_MEASURES
+from unet.run_record import dataset_name
 from unet.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -134,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "postprocessor_config.json says (default), or force it on or off",
     )
     parser.add_argument("--json", action="store_true", help="end the output with one JSON line of all metrics")
+    parser.add_argument(
+        "--record",
+        metavar="MODEL_DIR",
+        help="with --cv: write the pooled result to MODEL_DIR/cross_validation.json and rewrite the folder's model "
+        "card, which then reports it (the estimate of the recipe the model was trained with)",
+    )
     return parser
 
 
@@ -144,6 +154,8 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace, nam
             f"--cv tests each fold's model on the test patients it recorded: "
             f"--{given[0].replace('_', '-')} does not apply"
         )
+    if args.record and not args.cv:
+        parser.error("--record writes a cross-validation: it needs --cv")
     if args.fold and not args.folds:
         parser.error(f"--fold {args.fold} needs --folds K (the number of folds)")
     if args.batch_size < 1:
@@ -172,6 +184,38 @@ def run(args: argparse.Namespace, named: set[str]) -> dict:
     return evaluate(segmenter, df)
 
 
+def run_name(model_dir: str) -> str:
+    """A fold's model folder by name, without the machine's path to it: its run folder for train.py's ``model``."""
+    path = Path(os.path.abspath(model_dir))
+    return f"{path.parent.name}/{path.name}" if path.name == "model" else path.name
+
+
+def record_cross_validation(model_dir: str, metrics: dict, args: argparse.Namespace) -> Path:
+    """``model_dir/cross_validation.json`` (the pooled metrics, the folds by name with the commands that trained
+    them, and the command that pooled them) and the folder's card rewritten to report it."""
+    folds = [
+        fold | {"model": run_name(fold["model"]), "command": recorded_metrics(fold["model"]).get("command", "?")}
+        for fold in metrics["folds"]
+    ]
+    words = ["python", "-m", "unet.evaluate", "--data-dir", *map(dataset_name, args.data_dir), "--cv"]
+    words += [run_name(fold) for fold in args.cv]
+    words += [
+        f"--{name.replace('_', '-')} {value}"
+        for name, value in (("largest_3d_component", args.largest_3d_component), ("fill_holes", args.fill_holes))
+        if value != "config"
+    ]
+    record = metrics | {
+        "folds": folds,
+        "command": " ".join(words),
+        "data": " + ".join(map(dataset_name, args.data_dir)),
+    }
+    path = Path(model_dir) / CROSS_VALIDATION_FILE
+    path.write_text(json.dumps(json_safe(record), indent=2, allow_nan=False))
+    write_model_card(model_dir, recorded_metrics(model_dir))
+    log.info("cross-validation recorded in %s and its model card", path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -186,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", message.splitlines()[0] if message else type(error).__name__)
         return 2
     print(format_table(metrics))
+    if args.record:
+        record_cross_validation(args.record, metrics, args)
     if args.json:
         print(json.dumps(json_safe(metrics), allow_nan=False))
     return 0

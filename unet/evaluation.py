@@ -79,8 +79,9 @@ def evaluate_folds(
 
     ``override`` changes each fold's post-processing (e.g. ``{"largest_3d_component": False}``); ``options`` go to
     each `Segmenter` (device, precision, batch_size). The slices' pixel counts are pooled before summarising, so
-    every metric is exactly what one evaluation over all the tested patients would give; ``folds`` adds each
-    fold's own figures (`FOLD_KEYS`) for the per-fold table.
+    every metric is exactly what one evaluation over all the tested patients would give. ``per_slice`` holds the
+    same metrics without the 3D step (the masks a single uploaded slice gets; {} where no fold has the step), from
+    the same probabilities; ``folds`` each fold's own figures (`FOLD_KEYS`), for the per-fold table.
     """
     tests, tested = [], set()
     for model_dir in model_dirs:  # check every fold before evaluating any
@@ -94,24 +95,31 @@ def evaluate_folds(
             raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
         tested |= set(test)
         tests.append(patient_rows(df, test))
-    counts, patients, folds = [], [], []
+    counts, per_slice_counts, patients, folds = [], [], [], []
     for model_dir, part in zip(model_dirs, tests):
         segmenter = Segmenter.from_pretrained(model_dir, **options)
         segmenter = segmenter.with_postprocessing(**(override or {}))
         probs, targets = predict_frame(segmenter, part)
+        slice_by_slice = segmenter.with_postprocessing(largest_3d_component=False)
         counts.append(pixel_counts(frame_masks(segmenter, probs, part), np.stack(targets)))
+        per_slice_counts.append(pixel_counts(frame_masks(slice_by_slice, probs, part), np.stack(targets)))
         patients += list(part["patient"])
         fold = summarize(counts[-1], list(part["patient"]))
-        post = segmenter.postprocessing
-        folds.append({"model": str(model_dir), "volume_step": post.volume_step} | {k: fold[k] for k in FOLD_KEYS})
+        fold_per_slice = summarize(per_slice_counts[-1], list(part["patient"]))
+        folds.append(
+            {"model": str(model_dir), "volume_step": segmenter.postprocessing.volume_step}
+            | {key: fold[key] for key in FOLD_KEYS}
+            | {"patient_dice_mean_per_slice": fold_per_slice["patient_dice_mean"]}
+        )
     log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
     metrics = summarize(np.concatenate(counts), patients)
     for key, values in (
-        ("largest_3d_component", {f["volume_step"] != "off" for f in folds}),
-        ("volume_step", {f["volume_step"] for f in folds}),
+        ("largest_3d_component", {fold["volume_step"] != "off" for fold in folds}),
+        ("volume_step", {fold["volume_step"] for fold in folds}),
     ):
         metrics[key] = values.pop() if len(values) == 1 else "per fold config"
-    return metrics | {"folds": folds}
+    per_slice = summarize(np.concatenate(per_slice_counts), patients) if metrics["largest_3d_component"] else {}
+    return metrics | {"per_slice": per_slice, "folds": folds}
 
 
 def recorded_metrics(model_dir: str | Path) -> dict:

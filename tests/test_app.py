@@ -434,6 +434,14 @@ def test_volume_applies_the_models_largest_3d_component(segmenter):
     assert "225 predicted pixels outside it" in render.volume_markdown(summary)
     # the same from probabilities kept as float16 (a session's compact copy)
     assert render.volume_result(step, names, images, [p.astype(np.float16) for p in probs], {}).summary == summary
+    # by summed probability, a fainter tumor (300 x 0.6 = 180) loses to the surer blob (225 x 0.9 = 202.5)
+    faint = [p * (0.6 / 0.9) if k in (1, 2, 3) else p for k, p in enumerate(probs)]
+    by_probability = step.with_postprocessing(largest_3d_component_by="probability")
+    for kept in (faint, [p.astype(np.float16) for p in faint]):
+        result = render.volume_result(by_probability, names, images, kept, {})
+        assert result.summary["tumor_pixels"] == 225 and result.masks[5][40:55, 40:55].all()
+        assert not result.masks[2].any()
+    assert render.volume_result(step, names, images, faint, {}).summary["tumor_pixels"] == 300  # by voxels
     # the volume's Dice pools the pixels of every slice with a reference: 2 * 150 / (200 + 200) on slices 2-3
     references = {"P_2": np.zeros((64, 64), bool), "P_3": np.zeros((64, 64), bool)}
     references["P_2"][10:20, 10:15] = references["P_2"][30:40, 30:35] = True  # 50 of the 100 predicted, 50 elsewhere

@@ -83,18 +83,7 @@ def evaluate_folds(
     same metrics without the 3D step (the masks a single uploaded slice gets; {} where no fold has the step), from
     the same probabilities; ``folds`` each fold's own figures (`FOLD_KEYS`), for the per-fold table.
     """
-    tests, tested = [], set()
-    for model_dir in model_dirs:  # check every fold before evaluating any
-        test = (recorded_metrics(model_dir).get("splits") or {}).get("test")
-        if not test:
-            raise DatasetError(
-                f"no test split recorded in {Path(model_dir) / 'metrics.json'}: "
-                "--cv takes model folders written by train.py"
-            )
-        if tested & set(test):
-            raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
-        tested |= set(test)
-        tests.append(patient_rows(df, test))
+    tests = fold_test_rows(model_dirs, df)
     counts, per_slice_counts, patients, folds = [], [], [], []
     for model_dir, part in zip(model_dirs, tests):
         segmenter = Segmenter.from_pretrained(model_dir, **options)
@@ -111,7 +100,8 @@ def evaluate_folds(
             | {key: fold[key] for key in FOLD_KEYS}
             | {"patient_dice_mean_per_slice": fold_per_slice["patient_dice_mean"]}
         )
-    log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), len(tested), df["patient"].nunique())
+    tested = sum(part["patient"].nunique() for part in tests)
+    log.info("%d folds tested %d of the folder's %d patients", len(model_dirs), tested, df["patient"].nunique())
     metrics = summarize(np.concatenate(counts), patients)
     for key, values in (
         ("largest_3d_component", {fold["volume_step"] != "off" for fold in folds}),
@@ -120,6 +110,24 @@ def evaluate_folds(
         metrics[key] = values.pop() if len(values) == 1 else "per fold config"
     per_slice = summarize(np.concatenate(per_slice_counts), patients) if metrics["largest_3d_component"] else {}
     return metrics | {"per_slice": per_slice, "folds": folds}
+
+
+def fold_test_rows(model_dirs: Sequence[str | Path], df: pd.DataFrame) -> list[pd.DataFrame]:
+    """Each fold model's recorded test patients' slices; every fold is checked before any is evaluated, and no
+    patient may be tested by two folds."""
+    tests, tested = [], set()
+    for model_dir in model_dirs:
+        test = (recorded_metrics(model_dir).get("splits") or {}).get("test")
+        if not test:
+            raise DatasetError(
+                f"no test split recorded in {Path(model_dir) / 'metrics.json'}: "
+                "--cv takes model folders written by train.py"
+            )
+        if tested & set(test):
+            raise DatasetError(f"{model_dir} tests {sorted(tested & set(test))[0]}, which another fold tests too")
+        tested |= set(test)
+        tests.append(patient_rows(df, test))
+    return tests
 
 
 def recorded_metrics(model_dir: str | Path) -> dict:

@@ -60,9 +60,10 @@ def format_table(metrics: dict) -> str:
     patients = f"{metrics['patients']} / {metrics['slices']} ({metrics['tumor_slices']} with tumor)"
     lines.append(f"{'patients / slices':<24}{patients}")
     if metrics.get("folds"):
-        lines += ["", "fold  patients  mean    median  worst   healthy FP  worst patient"]
+        lines += ["", "fold  patients  mean    by slice  median  worst   healthy FP  worst patient"]
         lines += [
-            f"{k:<6}{f['patients']:<10}{f['patient_dice_mean']:<8.4f}{f['patient_dice_median']:<8.4f}"
+            f"{k:<6}{f['patients']:<10}{f['patient_dice_mean']:<8.4f}{f['patient_dice_mean_per_slice']:<10.4f}"
+            f"{f['patient_dice_median']:<8.4f}"
             f"{f['patient_dice_min']:<8.4f}{f['healthy_fp_rate']:<12.3f}{f['worst_patient']}"
             for k, f in enumerate(metrics["folds"])
         ]

@@ -408,9 +408,13 @@ def test_card_explains_the_volume_step_only_when_the_config_has_it():
     metrics = {"data": "../shared/data/lgg_subset", "test": {"patient_dice_mean": 0.81}}
     on = model_card_text(metrics, postprocessing=Postprocessing(threshold=0.6, largest_3d_component=True))
     off = model_card_text(metrics, postprocessing=Postprocessing(threshold=0.6, largest_3d_component=False))
-    assert "threshold 0.6," in on and "largest 3D component per patient on" in on
+    assert "threshold 0.6," in on and "whole-volume step: largest 3D component by voxels" in on
     assert "demo's volume tab apply it" in on
-    assert "largest 3D component per patient off" in off and "volume tab" not in off
+    assert "whole-volume step: off" in off and "volume tab" not in off
+    by_probability = Postprocessing(largest_3d_component=True, largest_3d_component_by="probability")
+    assert "whole-volume step: largest 3D component by probability" in model_card_text(
+        metrics, postprocessing=by_probability
+    )
 
 
 # ---- the whole path, as a user runs it ---------------------------------------------------------------

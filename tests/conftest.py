@@ -26,6 +26,7 @@ FIXTURE_POSTPROCESSING = {
     "fill_holes": True,
     "tta_flips": False,
     "largest_3d_component": True,
+    "largest_3d_component_by": "probability",
 }
 
 

@@ -113,6 +113,7 @@ def test_synthetic_run_lowers_loss_and_writes_everything(trained_run):
         "fill_holes": True,
         "tta_flips": False,
         "largest_3d_component": True,
+        "largest_3d_component_by": "probability",
     }
     assert json.loads((trained_run / "model" / "config.json").read_text()) == UNet(width=8).architecture
 

@@ -79,8 +79,7 @@ def test_config_carries_the_architecture_and_the_processing_files_the_tuned_post
     readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
     stated = (
         f"threshold {p.threshold}, minimum component area {p.min_component_area} px, hole filling "
-        f"{'on' if p.fill_holes else 'off'}, flip test-time augmentation off, largest 3D component per "
-        f"patient {'on' if p.largest_3d_component else 'off'}"
+        f"{'on' if p.fill_holes else 'off'}, flip test-time augmentation off, whole-volume step: {p.volume_step}"
     )
     assert not p.tta_flips and stated in card
     assert f"threshold {p.threshold}, tumor components under {p.min_component_area} px removed" in readme

@@ -185,6 +185,13 @@ def run(args: argparse.Namespace, named: set[str]) -> dict:
     return evaluate(segmenter, df)
 
 
+def one_line_error(error: Exception) -> str:
+    """An error's first line, redacted: a Hub error carries the server's words, a model error the cache's path,
+    and neither may show a token."""
+    message = redact(str(error)).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 def run_name(model_dir: str) -> str:
     """A fold's model folder by name, without the machine's path to it: its run folder for train.py's ``model``."""
     path = Path(os.path.abspath(model_dir))
@@ -226,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run(args, named)
     except (DatasetError, OSError, ValueError) as error:
-        # A Hub error carries the server's words, a model error the cache's path: neither may show a token.
-        message = redact(str(error)).strip()
-        log.error("error: %s", message.splitlines()[0] if message else type(error).__name__)
+        log.error("error: %s", one_line_error(error))
         return 2
     print(format_table(metrics))
     if args.record:

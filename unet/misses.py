@@ -23,10 +23,11 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from unet.data import DatasetError, institution, scan_dataset, volume_rows
-from unet.evaluate import OneLineParser
+from unet.evaluate import OneLineParser, one_line_error
 from unet.evaluation import fold_test_rows, recorded_metrics, select_patients
-from unet.hub import redact, resolve_model_dir
+from unet.hub import resolve_model_dir
 from unet.metrics import dice
+from unet.processing import label_volume_components
 from unet.reader import read_image, read_mask
 from unet.segmenter import Segmenter
 
@@ -46,8 +47,8 @@ def flair_contrast(images: np.ndarray, reference: np.ndarray) -> float:
 
 def components(slice_masks: np.ndarray, probs: np.ndarray, reference: np.ndarray, top: int = 4) -> list[tuple]:
     """The 3D components of a patient's slice masks, largest first: (voxels, voxels on the reference, summed
-    probability), as `unet.processing.keep_largest_volume_component` labels them."""
-    labels, count = ndimage.label(slice_masks, structure=np.ones((3, 3, 3), bool))
+    probability), labelled as the 3D step labels them."""
+    labels, count = label_volume_components(slice_masks)
     if not count:
         return []
     index = np.arange(1, count + 1)
@@ -135,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             parts = [select_patients(df, recorded_metrics(model_dir), args.split)]
             segmenters = [Segmenter.from_pretrained(model_dir)]
     except (DatasetError, OSError, ValueError) as error:
-        message = redact(str(error)).strip()  # a Hub error may carry the server's words
-        log.error("error: %s", message.splitlines()[0] if message else type(error).__name__)
+        log.error("error: %s", one_line_error(error))
         return 2
     print(report(profiles(segmenters, parts), args.below))
     return 0

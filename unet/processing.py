@@ -186,6 +186,11 @@ def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
     return mask | (outside[1:-1, 1:-1] == 0)
 
 
+def label_volume_components(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """(S, H, W) masks -> (labels, count) of their 3D components, 26-connected: what the 3D step ranks."""
+    return ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
+
+
 def keep_largest_volume_component(masks: np.ndarray, probs: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """(S, H, W) masks of one patient's slices, in slice order -> only the largest 3D connected component: the one
     with the most voxels, or with ``probs`` (each slice's probability map) the greatest sum of probabilities.
@@ -195,7 +200,7 @@ def keep_largest_volume_component(masks: np.ndarray, probs: Sequence[np.ndarray]
     Where the network misses most of a tumor, what it kept of it can have fewer voxels than a faint false blob
     (issue 28: DU_5852, 576 against 582); summed probability still ranks the tumor first.
     """
-    labels, count = ndimage.label(masks, structure=np.ones((3, 3, 3), bool))
+    labels, count = label_volume_components(masks)
     if count <= 1:
         return masks.astype(bool)
     if probs is None:

@@ -20,6 +20,7 @@ from unet.checkpoint import Checkpoint
 from unet.config import TrainConfig, TrainingError
 from unet.data import scan_dataset, split_patients
 from unet.evaluate import main as evaluate_main
+from unet.evaluate import run_name
 from unet.evaluation import predict_frame
 from unet.losses import BCEDiceLoss
 from unet.model import UNet
@@ -357,6 +358,14 @@ def test_two_fold_runs_pool_into_one_evaluation_of_every_patient(tmp_path, capsy
         ["-m", "unet.evaluate", "--data-dir", str(data_dir), "--cv", folds[0], "--split", "all"]
     )  # named with its default value: still refused
     assert refused.returncode == 2 and "--split does not apply" in refused.stderr
+
+
+def test_a_fold_is_named_by_its_path_from_here_or_by_its_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as in the repository: models/cv80/fold0 is a path anyone can rerun
+    assert run_name(str(tmp_path / "models" / "cv80" / "fold0")) == "models/cv80/fold0"
+    assert run_name("models/cv80/fold0") == "models/cv80/fold0"
+    elsewhere = tmp_path.parent / "runs" / "cv80-fold0" / "model"  # never the machine's path to it
+    assert run_name(str(elsewhere)) == "cv80-fold0/model"
 
 
 def test_predict_frame_keeps_the_frames_row_order(synthetic_dir):

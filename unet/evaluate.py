@@ -193,8 +193,11 @@ def one_line_error(error: Exception) -> str:
 
 
 def run_name(model_dir: str) -> str:
-    """A fold's model folder by name, without the machine's path to it: its run folder for train.py's ``model``."""
+    """A fold's model folder by name, without the machine's path to it: its path from here when it lies here
+    (a fold kept in the repository, as ``models/cv80/fold0``), else its run folder for train.py's ``model``."""
     path = Path(os.path.abspath(model_dir))
+    if path.is_relative_to(Path.cwd()):
+        return path.relative_to(Path.cwd()).as_posix()
     return f"{path.parent.name}/{path.name}" if path.name == "model" else path.name
 
 

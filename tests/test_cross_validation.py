@@ -1,0 +1,70 @@
+"""The fold models kept in models/cv80: each is the fold its name says of the 80-patient split, trained with the
+default recipe, so that `unet.evaluate --cv models/cv80/fold*` pools the cross-validation the README reports."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+import train
+from unet.config import TrainConfig
+from unet.data import scan_dataset, split_patients
+
+CV_DIR = Path(__file__).resolve().parents[1] / "models" / "cv80"
+FOLD_DIRS = sorted(CV_DIR.glob("fold*"))
+FOLDS = 5
+DEFAULT_RECIPE = TrainConfig()
+
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(not FOLD_DIRS, reason="no fold model kept in models/cv80"),
+]
+
+
+@pytest.fixture(scope="module")
+def eighty_patients(real_data_dir):
+    return scan_dataset([real_data_dir, real_data_dir.parent / "lgg_extra"], check_images=False)
+
+
+def fold_number(fold_dir: Path) -> int:
+    return int(fold_dir.name.removeprefix("fold"))
+
+
+def test_kept_folds_are_named_fold0_to_fold4_and_hold_only_a_model():
+    assert {fold_dir.name for fold_dir in FOLD_DIRS} <= {f"fold{k}" for k in range(FOLDS)}
+    for fold_dir in FOLD_DIRS:
+        assert (fold_dir / "model.safetensors").stat().st_size < 8_000_000
+        assert not (fold_dir / "examples").exists()  # the data's slices ship once, with the shipped model
+
+
+def recorded_options(fold_dir: Path) -> dict:
+    """The train.py options of the command the fold recorded, as train.py parses them (None: not given)."""
+    command = json.loads((fold_dir / "metrics.json").read_text())["command"]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"], command
+    return vars(train.build_parser().parse_args(words[2:]))
+
+
+def test_each_kept_fold_is_its_fold_of_the_eighty_patients(eighty_patients):
+    assert eighty_patients["patient"].nunique() == 80
+    tested = set()
+    for fold_dir in FOLD_DIRS:
+        k = fold_number(fold_dir)
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        assert metrics["splits"] == split_patients(eighty_patients, folds=FOLDS, fold=k), fold_dir
+        assert metrics["data"] == "lgg_subset + lgg_extra"
+        options = recorded_options(fold_dir)
+        assert (options["folds"], options["fold"] or 0) == (FOLDS, k)
+        assert not tested & set(metrics["splits"]["test"])
+        tested |= set(metrics["splits"]["test"])
+
+
+def test_each_kept_fold_was_trained_with_the_default_recipe():
+    run_options = {"folds", "fold", "data_dirs", "out_dir", "resume", "workers", "device", "checkpoint_every"}
+    for fold_dir in FOLD_DIRS:
+        given = {name for name, value in recorded_options(fold_dir).items() if value not in (None, False)}
+        assert given - run_options == set(), fold_dir  # out_dir has a default: it is a run option
+        architecture = json.loads((fold_dir / "config.json").read_text())
+        assert (architecture["width"], architecture["depth"]) == (DEFAULT_RECIPE.width, DEFAULT_RECIPE.depth)
+        assert json.loads((fold_dir / "metrics.json").read_text())["epochs_trained"] <= DEFAULT_RECIPE.epochs

@@ -10,6 +10,7 @@ import pytest
 import train
 from unet.config import TrainConfig
 from unet.data import scan_dataset, split_patients
+from unet.evaluation import recorded_metrics
 
 CV_DIR = Path(__file__).resolve().parents[1] / "models" / "cv80"
 FOLD_DIRS = sorted(CV_DIR.glob("fold*"))
@@ -38,9 +39,9 @@ def test_kept_folds_are_named_fold0_to_fold4_and_hold_only_a_model():
         assert not (fold_dir / "examples").exists()  # the data's slices ship once, with the shipped model
 
 
-def recorded_options(fold_dir: Path) -> dict:
-    """The train.py options of the command the fold recorded, as train.py parses them (None: not given)."""
-    command = json.loads((fold_dir / "metrics.json").read_text())["command"]
+def recorded_options(metrics: dict) -> dict:
+    """The train.py options of the command a fold recorded, as train.py parses them (None: not given)."""
+    command = metrics["command"]
     words = shlex.split(command)
     assert words[:2] == ["python", "train.py"], command
     return vars(train.build_parser().parse_args(words[2:]))
@@ -51,10 +52,10 @@ def test_each_kept_fold_is_its_fold_of_the_eighty_patients(eighty_patients):
     tested = set()
     for fold_dir in FOLD_DIRS:
         k = fold_number(fold_dir)
-        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        metrics = recorded_metrics(fold_dir)
         assert metrics["splits"] == split_patients(eighty_patients, folds=FOLDS, fold=k), fold_dir
         assert metrics["data"] == "lgg_subset + lgg_extra"
-        options = recorded_options(fold_dir)
+        options = recorded_options(metrics)
         assert (options["folds"], options["fold"] or 0) == (FOLDS, k)
         assert not tested & set(metrics["splits"]["test"])
         tested |= set(metrics["splits"]["test"])
@@ -63,8 +64,9 @@ def test_each_kept_fold_is_its_fold_of_the_eighty_patients(eighty_patients):
 def test_each_kept_fold_was_trained_with_the_default_recipe():
     run_options = {"folds", "fold", "data_dirs", "out_dir", "resume", "workers", "device", "checkpoint_every"}
     for fold_dir in FOLD_DIRS:
-        given = {name for name, value in recorded_options(fold_dir).items() if value not in (None, False)}
+        metrics = recorded_metrics(fold_dir)
+        given = {name for name, value in recorded_options(metrics).items() if value not in (None, False)}
         assert given - run_options == set(), fold_dir  # out_dir has a default: it is a run option
         architecture = json.loads((fold_dir / "config.json").read_text())
         assert (architecture["width"], architecture["depth"]) == (DEFAULT_RECIPE.width, DEFAULT_RECIPE.depth)
-        assert json.loads((fold_dir / "metrics.json").read_text())["epochs_trained"] <= DEFAULT_RECIPE.epochs
+        assert metrics["epochs_trained"] <= DEFAULT_RECIPE.epochs

@@ -211,11 +211,11 @@ def run(args: argparse.Namespace, here: ddp.Distributed) -> int:
     except (TrainingError, DatasetError, ReadError) as error:
         return fail(here, error, 2, every_rank_alike=False)
     if args.push:
+        from unet.evaluation import held_out_split, recorded_metrics
         from unet.push import push_model
 
-        return push_model(
-            model_dir, args.repo_id, private=args.private, revision=args.revision, examples_from=trainer.frames["test"]
-        )
+        examples = trainer.frames[held_out_split(recorded_metrics(model_dir))]
+        return push_model(model_dir, args.repo_id, private=args.private, revision=args.revision, examples_from=examples)
     return 0
 
 

@@ -98,7 +98,7 @@ def model_copy(tiny_model_dir, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def test_slices(trained_run, tiny_model_dir):
-    return examples_frame(trained_run / "synthetic", tiny_model_dir, "test")
+    return examples_frame([trained_run / "synthetic"], tiny_model_dir, "test")
 
 
 # ---- push, then pull into a fresh cache ------------------------------------------------------------
@@ -639,3 +639,33 @@ def test_the_card_keeps_the_facts_of_the_model(tiny_model_dir):
     assert f"test: {len(metrics['splits']['test'])} patients" in text
     assert f"Command: `{metrics['command']}`" in text and "Segmenter.from_pretrained(" in text
     assert "Intended use and limitations" in text and "synthetic phantom slices" in text
+
+
+def test_a_model_trained_without_test_patients_shows_and_publishes_its_validation_patients(hub_env, tmp_path):
+    import train
+    from unet.examples import load_examples, write_model_examples
+    from unet.push import main as push_main
+
+    out = tmp_path / "run"
+    tiny = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--image-size", "64", "--width", "4"]
+    assert train.main(["--synthetic", "--test-fraction", "0", *tiny, "--out-dir", str(out)]) == 0
+    model, data = out / "model", out / "synthetic"
+    splits = json.loads((model / "metrics.json").read_text())["splits"]
+    assert splits["test"] == [] and splits["val"]
+
+    def patients(names) -> set[str]:  # SYN_CC_1007_20000101_10_tumor.png -> SYN_CC_1007_20000101
+        return {"_".join(Path(name).name.split("_")[:4]) for name in names if Path(name).name != "NOTICE"}
+
+    assert push_main(["--model", str(model), "--repo-id", "alice/no-test", "--data-dir", str(data)]) == 0
+    api = HfApi(endpoint=hub_env.url, token=ALICE)
+    pushed = [f for f in api.list_repo_files("alice/no-test") if f.startswith("examples/")]
+    assert pushed and patients(pushed) <= set(splits["val"])
+    card = (model / "README.md").read_text()
+    assert "--split val" in card and "validation-split slices" in card and "--split test" not in card
+
+    files = write_model_examples(data, model)
+    assert patients(files) <= set(splits["val"]) and "this model's validation split" in (
+        model / "examples" / "NOTICE"
+    ).read_text().replace("\n", " ")
+    examples, label = load_examples(serving.load_for_serving(str(model)), None, tmp_path / "shown")
+    assert examples and label == "published with the model · slices of its validation patients"

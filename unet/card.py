@@ -15,6 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from unet.evaluation import SPLIT_NAMES, held_out_split
 from unet.model import ARCHITECTURE_KEYS
 from unet.processing import Postprocessing, Preprocessing, load_processing, read_settings_file
 
@@ -241,6 +242,8 @@ def model_card_text(
         architecture=described,
         repo=repo_id or "USER/NAME",
         per_slice=bool(metrics.get("test_per_slice")),
+        held_out=held_out_split(metrics),
+        held_out_name=SPLIT_NAMES[held_out_split(metrics)],
         table=metrics_table(metrics),
         dataset_id=DATASET_ID,
         **processing_values(preprocessing, postprocessing),

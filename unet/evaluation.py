@@ -145,6 +145,17 @@ def recorded_metrics(model_dir: str | Path) -> dict:
     return metrics
 
 
+# How the app, the card and the NOTICE name a split.
+SPLIT_NAMES = {"train": "training", "test": "test", "val": "validation"}
+
+
+def held_out_split(metrics: dict) -> str:
+    """The split a model's examples come from: its test patients, or, for a model trained with no test split (the
+    shipped recipe, whose estimate is a cross-validation), its validation patients. Those chose its epoch and
+    post-processing but never trained it."""
+    return "test" if (metrics.get("splits") or {}).get("test") else "val"
+
+
 def trained_patients(metrics: dict) -> set[str]:
     """The patients a model learned from: its recorded train split."""
     return set((metrics.get("splits") or {}).get("train", []))

@@ -1,8 +1,9 @@
 """The app's example slices: from ``--examples``, else the model's own, else the project's synthetic phantoms.
 
 From a kaggle_3m folder the slices `unet.data.example_slices` picks (as `unet.push` does) are taken from the
-model's test patients where the folder has them, so the Dice shown on an example is not that of a slice the
-model learned. Each example is decoded once by `unet.reader` and copied as PNG, which every browser shows.
+model's held-out patients (its test split, else its validation split) where the folder has them, so the Dice shown
+on an example is not that of a slice the model learned. Each example is decoded once by `unet.reader` and copied
+as PNG, which every browser shows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from unet.data import DatasetError, example_slices, find_kaggle_3m, scan_dataset
-from unet.evaluation import recorded_metrics
+from unet.evaluation import SPLIT_NAMES, held_out_split, recorded_metrics
 from unet.reader import SUFFIXES, ReadError, read_mask, read_slice
 from unet.serving import ServingModel
 from unet.uploads import is_mask_name, natural_key
@@ -39,7 +40,7 @@ Found = tuple[Path, Path | None, str]  # (image, reference mask or None, 'tumor'
 
 def find_examples(folder: Path, limit: int = 6, held_out: list[str] | None = None) -> tuple[list[Found], bool]:
     """The examples of a folder of images or a kaggle_3m folder, and whether they are all slices of the
-    ``held_out`` patients (the model's test split)."""
+    ``held_out`` patients (the model's `held_out_split`)."""
     root = find_kaggle_3m(folder)
     if any(root.glob("*/*_mask.tif")):
         return _kaggle_examples(root, limit, held_out)
@@ -63,7 +64,7 @@ def _kaggle_examples(root: Path, limit: int, held_out: list[str] | None) -> tupl
     if from_held_out:
         df = df[df["patient"].isin(held_out)]
     else:
-        log.warning("none of the model's test patients are in %s: examples may be slices it trained on", root)
+        log.warning("none of the model's held-out patients are in %s: examples may be slices it trained on", root)
     chosen = example_slices(df, tumor=limit // 2, healthy=limit // 2)
     kinds = ["tumor" if tumor else "healthy" for tumor in chosen["has_tumor"]]
     return list(zip(map(Path, chosen["image_path"]), map(Path, chosen["mask_path"]), kinds)), bool(from_held_out)
@@ -122,13 +123,14 @@ def load_examples(
     """The gallery's examples, written to ``out_dir``, and a label that says where they come from."""
     folder, source, synthetic = choose_examples(serving, examples_dir, synthetic)
     try:
-        held_out = (recorded_metrics(serving.model_dir).get("splits") or {}).get("test")
+        metrics = recorded_metrics(serving.model_dir)
     except DatasetError as error:  # the model still serves; only the choice of examples needs the record
         log.warning("%s: examples may be slices the model trained on", error)
-        held_out = None
-    examples, from_test_patients = prepare_examples(folder, out_dir, synthetic, held_out)
-    if from_test_patients:
-        source += " · slices of its test patients"
+        metrics = {}
+    split = held_out_split(metrics)
+    examples, from_held_out = prepare_examples(folder, out_dir, synthetic, (metrics.get("splits") or {}).get(split))
+    if from_held_out:
+        source += f" · slices of its {SPLIT_NAMES[split]} patients"
     if not examples and folder != PROJECT_EXAMPLES_DIR:
         log.warning("no usable examples in %s; using the project's synthetic examples", folder)
         source = SYNTHETIC_SOURCE
@@ -148,8 +150,8 @@ NOTICE_TEXT = """Example data: the slices and the volume in this folder come fro
 (Buda et al., "Association of genomic subtypes of lower-grade gliomas with shape features automatically
 extracted by a deep learning algorithm", Computers in Biology and Medicine, 2019;
 https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation), built from TCGA-LGG images of The Cancer
-Imaging Archive (TCIA). They are slices of patients in this model's test split ({patients}), which it never
-trained on: {count} PNG slices (RGB = pre-contrast, FLAIR, post-contrast, as in the dataset) with their
+Imaging Archive (TCIA). They are slices of patients in this model's {split} split ({patients}), which it
+never trained on: {count} PNG slices (RGB = pre-contrast, FLAIR, post-contrast, as in the dataset) with their
 reference masks (_mask.png, 0/255), and patient {volume_patient} as NIfTI volumes (volume/*_flair, _pre, _post,
 _mask .nii.gz; the dataset gives no voxel spacing, so the volumes carry a nominal 1 mm grid and their mL are
 nominal too).
@@ -163,19 +165,20 @@ Written by unet.examples.write_model_examples from the kaggle_3m folder.
 
 
 def write_model_examples(data_dir: Path, model_dir: Path, volume_patient: str | None = None) -> list[Path]:
-    """Ship examples with a model: `example_slices` of its test patients (as `unet.push.write_examples` writes
-    them), one whole test patient as NIfTI (the smallest with tumor unless named), and a NOTICE."""
+    """Ship examples with a model: `example_slices` of its held-out patients (as `unet.push.write_examples` writes
+    them), one whole held-out patient as NIfTI (the smallest with tumor unless named), and a NOTICE."""
     import nibabel as nib
 
     from unet.nifti import from_axial_slices
     from unet.push import write_examples
     from unet.reader import read_image
 
-    test = (recorded_metrics(model_dir).get("splits") or {}).get("test") or []
+    metrics = recorded_metrics(model_dir)
+    split = held_out_split(metrics)
     df = scan_dataset(data_dir, check_images=False)
-    df = df[df["patient"].isin(test)]
+    df = df[df["patient"].isin((metrics.get("splits") or {}).get(split) or [])]
     if df.empty:
-        raise DatasetError(f"none of the model's test patients are in {data_dir}")
+        raise DatasetError(f"none of the model's {SPLIT_NAMES[split]} patients are in {data_dir}")
     folder = model_dir / "examples"
     stems = write_examples(example_slices(df), folder)
     if volume_patient is None:
@@ -190,6 +193,8 @@ def write_model_examples(data_dir: Path, model_dir: Path, volume_patient: str | 
             nib.Nifti1Image(from_axial_slices(stack), np.eye(4)), folder / "volume" / f"{volume_patient}_{role}.nii.gz"
         )
     patients = sorted({stem.rsplit("_", 2)[0] for stem in stems} | {volume_patient})
-    notice = NOTICE_TEXT.format(patients=", ".join(patients), count=len(stems), volume_patient=volume_patient)
+    notice = NOTICE_TEXT.format(
+        split=SPLIT_NAMES[split], patients=", ".join(patients), count=len(stems), volume_patient=volume_patient
+    )
     (folder / "NOTICE").write_text(notice)
     return sorted(p for p in folder.rglob("*") if p.is_file())

@@ -5,10 +5,11 @@
 
 The commit holds config.json (the architecture), preprocessor_config.json and postprocessor_config.json (the
 processing), model.safetensors, the model card (README.md), metrics.json, curves.png and examples/: a few slices
-of the test patients (tumor and healthy, lossless PNG in the file's channel order) with their reference masks, for
-the app to show. The examples are read from ``--data-dir``, else from the data folder metrics.json names (a name,
-not a machine's path: found only from the folder that holds it), else left out with a warning; they are written
-to a staging copy, never into the model folder.
+of patients it never trained on (its test split, else its validation split; tumor and healthy, lossless PNG in the
+file's channel order) with their reference masks, for the app to show. The examples are read from ``--data-dir``
+(one or more folders), else from the data folder metrics.json names (a name, not a machine's path: found only from
+the folder that holds it), else left out with a warning; they are written to a staging copy, never into the model
+folder.
 
 The token is HF_TOKEN or the one saved by ``hf auth login``; it is never printed (`unet.hub.redact` cleans every
 reason a server gives). A failed push leaves the model folder as it was and logs one line with the reason and the
@@ -33,7 +34,7 @@ from PIL import Image
 
 from unet.card import folder_card_text
 from unet.data import DatasetError, example_slices, scan_dataset
-from unet.evaluation import recorded_metrics
+from unet.evaluation import held_out_split, recorded_metrics
 from unet.hub import NETWORK_ERRORS, hub_endpoint, redact, use_short_timeouts
 from unet.processing import POSTPROCESSOR_FILE, PREPROCESSOR_FILE
 from unet.reader import read_image, read_mask
@@ -86,11 +87,15 @@ def stage(model_dir: Path, staging: Path, repo_id: str, examples: pd.DataFrame |
     return sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
 
 
-def retry_command(model_dir: Path, repo_id: str, private: bool, revision: str | None, data_dir: Path | None) -> str:
+def retry_command(
+    model_dir: Path, repo_id: str, private: bool, revision: str | None, examples: pd.DataFrame | None
+) -> str:
     args = ["python", "-m", "unet.push", "--model", str(model_dir), "--repo-id", repo_id]
     args += ["--private"] if private else []
     args += ["--revision", revision] if revision else []
-    args += ["--data-dir", str(data_dir), "--examples-split", "test"] if data_dir else []
+    if examples is not None and len(examples):
+        data_dirs = dict.fromkeys(str(Path(path).parent.parent) for path in examples["image_path"])
+        args += ["--data-dir", *data_dirs]
     return shlex.join(args)
 
 
@@ -118,7 +123,7 @@ def push_model(
 ) -> int:
     """Create ``repo_id`` if needed and publish ``model_dir`` to it in one commit; 0 on success.
 
-    ``examples_from`` is a `unet.data.scan_dataset` frame of test slices to pick the examples from.
+    ``examples_from`` is a `unet.data.scan_dataset` frame of held-out slices to pick the examples from.
     """
     model_dir = Path(model_dir)
     try:  # what the Hub would serve must load: a broken folder is refused before anything is uploaded
@@ -129,12 +134,7 @@ def push_model(
     except (OSError, ValueError) as error:
         log.error("error: %s; nothing pushed", error)
         return 2
-    data_dir = (
-        Path(examples_from["image_path"].iloc[0]).parent.parent
-        if examples_from is not None and len(examples_from)
-        else None
-    )
-    retry = retry_command(model_dir, repo_id, private, revision, data_dir)
+    retry = retry_command(model_dir, repo_id, private, revision, examples_from)
     token = get_token()
     try:
         if token is None:
@@ -180,7 +180,7 @@ def push_model(
     return 0
 
 
-def examples_frame(data_dir: str | Path, model_dir: Path, split: str) -> pd.DataFrame:
+def examples_frame(data_dirs: list[str | Path], model_dir: Path, split: str) -> pd.DataFrame:
     """The slices of the ``split`` patients recorded in the model's metrics.json."""
     metrics_path = model_dir / "metrics.json"
     splits = recorded_metrics(model_dir).get("splits")
@@ -188,10 +188,11 @@ def examples_frame(data_dir: str | Path, model_dir: Path, split: str) -> pd.Data
         raise DatasetError(
             f"no {split} split recorded in {metrics_path}: cannot tell which patients to take examples from"
         )
-    df = scan_dataset(data_dir, check_images=False)
+    df = scan_dataset(data_dirs, check_images=False)
     frame = df[df["patient"].isin(splits[split])]
     if frame.empty:
-        raise DatasetError(f"none of the {len(splits[split])} {split} patients of {metrics_path} are in {data_dir}")
+        folders = ", ".join(map(str, data_dirs))
+        raise DatasetError(f"none of the {len(splits[split])} {split} patients of {metrics_path} are in {folders}")
     return frame.reset_index(drop=True)
 
 
@@ -207,14 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--data-dir",
+        nargs="+",
         default=None,
-        help="kaggle_3m folder to take the example slices from (default: the one in metrics.json, if any)",
+        help="kaggle_3m folders to take the example slices from (default: the one in metrics.json, if any)",
     )
     parser.add_argument(
         "--examples-split",
         choices=["train", "val", "test"],
-        default="test",
-        help="whose slices the examples are (default: %(default)s)",
+        default=None,
+        help="whose slices the examples are (default: the test patients, else the validation patients)",
     )
     parser.add_argument("--no-examples", action="store_true", help="publish without example slices")
     args = parser.parse_args(argv)
@@ -225,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as error:
         log.error("error: %s", error)
         return 2
-    data_dir = args.data_dir or (recorded if recorded and Path(recorded).is_dir() else None)
+    data_dirs = args.data_dir or ([recorded] if recorded and Path(recorded).is_dir() else None)
     examples = None
-    if data_dir and not args.no_examples:
+    if data_dirs and not args.no_examples:
         try:
-            examples = examples_frame(data_dir, model_dir, args.examples_split)
+            split = args.examples_split or held_out_split(recorded_metrics(model_dir))
+            examples = examples_frame(data_dirs, model_dir, split)
         except DatasetError as error:
             log.error("error: %s (or pass --no-examples)", error)
             return 2

@@ -662,6 +662,9 @@ def test_a_model_trained_without_test_patients_shows_and_publishes_its_validatio
     assert pushed and patients(pushed) <= set(splits["val"])
     card = (model / "README.md").read_text()
     assert "--split val" in card and "validation-split slices" in card and "--split test" not in card
+    # its headline and table are its validation patients', said to flatter it, and no empty test is reported
+    assert "validation patients, which chose its epoch and post-processing" in card
+    assert "small test set" not in card and "| test" not in card
 
     files = write_model_examples(data, model)
     assert patients(files) <= set(splits["val"]) and "this model's validation split" in (

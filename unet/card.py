@@ -48,7 +48,12 @@ METRICS = [
     ("healthy_fp_rate", "false_positive_rate", "Healthy-slice false-positive rate"),
 ]
 # The columns of the card's table: metrics.json key -> heading.
-TABLE_SPLITS = {"test": "test", "test_per_slice": "test, slice by slice", "val": "val"}
+TABLE_SPLITS = {
+    "test": "test",
+    "test_per_slice": "test, slice by slice",
+    "val": "val",
+    "val_per_slice": "val, slice by slice",
+}
 
 
 def _number(value: object) -> float | None:
@@ -211,7 +216,7 @@ def model_card_text(
 ) -> str:
     """The whole README.md: YAML metadata, then the template's prose. ``architecture`` is config.json's content;
     ``cross_validation`` a recorded `CROSS_VALIDATION_FILE`, which becomes the headline."""
-    test = metrics.get("test") or {}
+    test, val = metrics.get("test") or {}, metrics.get("val") or {}
     cv = cross_validation
     if cv and _number(cv.get("patient_dice_mean")) is not None:
         low, high = cv.get("patient_dice_ci95") or ("?", "?")
@@ -224,8 +229,13 @@ def model_card_text(
         headline = (
             f"mean patient Dice **{test['patient_dice_mean']:.4f}** on {test.get('patients', '?')} held-out patients"
         )
+    elif _number(val.get("patient_dice_mean")) is not None:
+        headline = (
+            f"mean patient Dice **{val['patient_dice_mean']:.4f}** on its {val.get('patients', '?')} validation "
+            "patients, which chose its epoch and post-processing (so the figure flatters it)"
+        )
     else:
-        headline = "no test evaluation recorded"
+        headline = "no evaluation recorded"
     if architecture:
         arch = architecture
         described = (
@@ -234,6 +244,7 @@ def model_card_text(
         )
     else:
         described = "U-Net"
+    held_out = held_out_split(metrics)
     card = ModelCard.from_template(
         card_data(metrics, cross_validation),
         template_path=str(TEMPLATE),
@@ -241,9 +252,9 @@ def model_card_text(
         headline=headline,
         architecture=described,
         repo=repo_id or "USER/NAME",
-        per_slice=bool(metrics.get("test_per_slice")),
-        held_out=held_out_split(metrics),
-        held_out_name=SPLIT_NAMES[held_out_split(metrics)],
+        per_slice=bool(metrics.get(f"{held_out}_per_slice")),
+        held_out=held_out,
+        held_out_name=SPLIT_NAMES[held_out],
         table=metrics_table(metrics),
         dataset_id=DATASET_ID,
         **processing_values(preprocessing, postprocessing),

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from unet import misses
@@ -47,3 +48,16 @@ def test_the_report_scores_each_test_patient_as_evaluation_does(trained_run, cap
 
 def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path, trained_run, capsys):
     assert misses.main(["--data-dir", str(trained_run / "synthetic"), "--model", str(tmp_path)]) == 2
+
+
+def test_rank_correlations_follow_the_ranks_and_skip_patients_without_tumor():
+    table = pd.DataFrame(
+        {
+            "dice": [0.1, 0.5, 0.9, 0.7],
+            "flair_contrast": [1.1, 1.3, 2.0, float("nan")],  # the last has no tumor: no contrast
+            "reference_px": [900, 500, 100, 0],
+        }
+    )
+    rho = misses.rank_correlations(table)
+    assert rho["flair_contrast"] == pytest.approx(1.0)
+    assert rho["reference_px"] == pytest.approx(-1.0)

@@ -157,8 +157,8 @@ def test_hole_filling_follows_the_config_unless_told(real_data_dir, capsys):
 def test_readme_states_the_shipped_numbers():
     readme = (SHIPPED_MODEL_DIR.parents[1] / "README.md").read_text()
     metrics = recorded()
-    start = readme.index("## Results")
-    section = readme[start : readme.index("**Cross-validation", start)]
+    start = readme.index("**The shipped model**")
+    section = readme[start : readme.index("## The data", start)]
     for split in ("test", "test_per_slice", "val", "val_per_slice"):
         for key in ("patient_dice_mean", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate"):
             assert re.search(rf"\b{metrics[split][key]:.3f}\b", section), (split, key)

@@ -87,6 +87,15 @@ def profiles(segmenters: Sequence[Segmenter], parts: Sequence[pd.DataFrame]) -> 
     return pd.DataFrame(found).sort_values("dice").reset_index(drop=True)
 
 
+def rank_correlations(table: pd.DataFrame) -> dict[str, float]:
+    """Spearman correlation of each patient's Dice with its FLAIR contrast and its tumor size: whether the misses
+    are the tail of a trend or a few outliers."""
+    ranked = table[["dice", "flair_contrast", "reference_px"]].dropna()
+    return {
+        name: float(ranked["dice"].corr(ranked[name], method="spearman")) for name in ("flair_contrast", "reference_px")
+    }
+
+
 def report(table: pd.DataFrame, below: float) -> str:
     """The missed patients as a Markdown table, then how they compare with the rest."""
     missed = table[table["dice"] < below]
@@ -106,6 +115,11 @@ def report(table: pd.DataFrame, below: float) -> str:
     lines.append(f"  reference px: {missed['reference_px'].median():,.0f} against {rest['reference_px'].median():,.0f}")
     lines.append(
         f"  FLAIR contrast: {missed['flair_contrast'].median():.2f} against {rest['flair_contrast'].median():.2f}"
+    )
+    rho = rank_correlations(table)
+    lines.append(
+        f"  Spearman correlation with Dice over all {len(table)}: FLAIR contrast {rho['flair_contrast']:+.2f}, "
+        f"reference px {rho['reference_px']:+.2f}"
     )
     by_site = table.groupby("institution")["dice"].agg(lambda d: f"{(d < below).sum()} of {len(d)}")
     lines.append("  missed by institution: " + ", ".join(f"{site} {text}" for site, text in by_site.items()))

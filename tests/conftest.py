@@ -46,6 +46,12 @@ def real_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def eighty_patient_dirs(real_data_dir) -> list[Path]:
+    """The two folders the 80-patient cross-validation and the shipped model use: the subset and its extra 20."""
+    return [real_data_dir, real_data_dir.parent / "lgg_extra"]
+
+
+@pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A kaggle_3m folder of 8 generated patients (1 healthy) x 10 slices at 256x256."""
     from unet.synthetic import make_synthetic_dataset

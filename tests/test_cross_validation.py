@@ -2,6 +2,7 @@
 default recipe, so that `unet.evaluate --cv models/cv80/fold*` pools the cross-validation the README reports."""
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 import train
 from unet.config import TrainConfig
 from unet.data import scan_dataset, split_patients
+from unet.evaluate import main as evaluate_main
 from unet.evaluation import recorded_metrics
 
-CV_DIR = Path(__file__).resolve().parents[1] / "models" / "cv80"
+ROOT = Path(__file__).resolve().parents[1]
+CV_DIR = ROOT / "models" / "cv80"
 FOLD_DIRS = sorted(CV_DIR.glob("fold*"))
 FOLDS = 5
 DEFAULT_RECIPE = TrainConfig()
@@ -24,8 +27,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def eighty_patients(real_data_dir):
-    return scan_dataset([real_data_dir, real_data_dir.parent / "lgg_extra"], check_images=False)
+def eighty_patients(eighty_patient_dirs):
+    return scan_dataset(eighty_patient_dirs, check_images=False)
 
 
 def fold_number(fold_dir: Path) -> int:
@@ -70,3 +73,26 @@ def test_each_kept_fold_was_trained_with_the_default_recipe():
         architecture = json.loads((fold_dir / "config.json").read_text())
         assert (architecture["width"], architecture["depth"]) == (DEFAULT_RECIPE.width, DEFAULT_RECIPE.depth)
         assert metrics["epochs_trained"] <= DEFAULT_RECIPE.epochs
+
+
+def stated(value: float, text: str) -> bool:
+    """Whether the text gives the value to three decimals, allowing one in the last digit: bf16 rounds a little
+    differently on CPUs with AMX tiles and on those with AVX512-BF16 only."""
+    return any(abs(float(number) - value) <= 0.0011 for number in re.findall(r"\b\d\.\d{3}\b", text))
+
+
+@pytest.mark.slow
+def test_the_readme_reports_the_pooled_cross_validation_of_the_kept_folds(eighty_patient_dirs, capsys):
+    assert [fold_number(fold_dir) for fold_dir in FOLD_DIRS] == list(range(FOLDS))
+    assert evaluate_main(["--data-dir", *map(str, eighty_patient_dirs), "--cv", *map(str, FOLD_DIRS), "--json"]) == 0
+    pooled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pooled["patients"] == 80
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Results") : readme.index("**The shipped model**")]
+    for scores in (pooled, pooled["per_slice"]):  # with each fold's 3D step, and slice by slice
+        keys = ("patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean")
+        for key in (*keys, "healthy_fp_rate", "patient_dice_ci95"):
+            values = scores[key] if key == "patient_dice_ci95" else [scores[key]]
+            assert all(stated(value, section) for value in values), key
+    for fold in pooled["folds"]:
+        assert stated(fold["patient_dice_mean"], section) and stated(fold["patient_dice_mean_per_slice"], section)

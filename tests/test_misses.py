@@ -61,3 +61,4 @@ def test_rank_correlations_follow_the_ranks_and_skip_patients_without_tumor():
     rho = misses.rank_correlations(table)
     assert rho["flair_contrast"] == pytest.approx(1.0)
     assert rho["reference_px"] == pytest.approx(-1.0)
+    assert rho["patients"] == 3

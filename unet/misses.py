@@ -88,12 +88,13 @@ def profiles(segmenters: Sequence[Segmenter], parts: Sequence[pd.DataFrame]) -> 
 
 
 def rank_correlations(table: pd.DataFrame) -> dict[str, float]:
-    """Spearman correlation of each patient's Dice with its FLAIR contrast and its tumor size: whether the misses
-    are the tail of a trend or a few outliers."""
+    """Spearman correlation of each patient's Dice with its FLAIR contrast and its tumor size, over the patients
+    with tumor (``patients``): whether the misses are the tail of a trend or a few outliers."""
     ranked = table[["dice", "flair_contrast", "reference_px"]].dropna()
-    return {
+    rho = {
         name: float(ranked["dice"].corr(ranked[name], method="spearman")) for name in ("flair_contrast", "reference_px")
     }
+    return rho | {"patients": len(ranked)}
 
 
 def report(table: pd.DataFrame, below: float) -> str:
@@ -118,8 +119,8 @@ def report(table: pd.DataFrame, below: float) -> str:
     )
     rho = rank_correlations(table)
     lines.append(
-        f"  Spearman correlation with Dice over all {len(table)}: FLAIR contrast {rho['flair_contrast']:+.2f}, "
-        f"reference px {rho['reference_px']:+.2f}"
+        f"  Spearman correlation with Dice over the {rho['patients']} with tumor: "
+        f"FLAIR contrast {rho['flair_contrast']:+.2f}, reference px {rho['reference_px']:+.2f}"
     )
     by_site = table.groupby("institution")["dice"].agg(lambda d: f"{(d < below).sum()} of {len(d)}")
     lines.append("  missed by institution: " + ", ".join(f"{site} {text}" for site, text in by_site.items()))

@@ -89,10 +89,10 @@ def test_the_readme_reports_the_pooled_cross_validation_of_the_kept_folds(eighty
     assert pooled["patients"] == 80
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Results") : readme.index("**The shipped model**")]
+    keys = ("patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean", "healthy_fp_rate")
     for scores in (pooled, pooled["per_slice"]):  # with each fold's 3D step, and slice by slice
-        keys = ("patient_dice_mean", "patient_dice_median", "patient_dice_min", "tumor_slice_dice_mean")
-        for key in (*keys, "healthy_fp_rate", "patient_dice_ci95"):
-            values = scores[key] if key == "patient_dice_ci95" else [scores[key]]
-            assert all(stated(value, section) for value in values), key
+        for key in keys:
+            assert stated(scores[key], section), key
+        assert all(stated(bound, section) for bound in scores["patient_dice_ci95"])
     for fold in pooled["folds"]:
         assert stated(fold["patient_dice_mean"], section) and stated(fold["patient_dice_mean_per_slice"], section)

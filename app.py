@@ -441,7 +441,9 @@ class Events:
         session = SliceSession(
             loaded.image, render.compact_probability(prob, size), name, reference, loaded.notes, synthetic
         )
-        shown = self.show_single(session, threshold, *view, prob=prob)
+        # every answer, this first one included, thresholds the map the session keeps, so a slider moved away and
+        # back gives this answer again (a large upload's map is kept as float16)
+        shown = self.show_single(session, threshold, *view)
         preview = self.work.png(f"{name}.png", loaded.image)
         return preview, *shown, session
 
@@ -452,12 +454,10 @@ class Events:
         channel: str = "FLAIR",
         style: str = "Filled",
         opacity: float = viewer.DEFAULT_OPACITY,
-        prob: np.ndarray | None = None,
     ) -> tuple:
         """(overlay file, probability file, summary Markdown, legend, mask download, (slice, overlay) files for the
-        before/after slider) at a threshold and view; ``prob`` is the exact float32 map where the caller still has
-        it."""
-        prob = session.prob.astype(np.float32, copy=False) if prob is None else prob
+        before/after slider) at a threshold and view."""
+        prob = session.prob.astype(np.float32, copy=False)
         mask = self.at(threshold).slice_mask(prob)
         summary = render.slice_summary(session.image, prob, mask, threshold, session.reference)
         mask_file = self.work.png(f"{session.name}_mask.png", mask.astype(np.uint8) * 255)

@@ -56,8 +56,9 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray | No
 
 
 def compact_probability(prob: np.ndarray, model_size: int) -> np.ndarray:
-    """What a session keeps for re-thresholding: the float32 map as it is up to the model's input size (so the
-    masks stay exactly those of the first answer), float16 above it (half the bytes of a large upload)."""
+    """What a session keeps, and thresholds for every answer: the float32 map as it is up to the model's input size
+    (so its masks are exactly the segmenter's), float16 above it (half the bytes of a large upload; a pixel within
+    float16's rounding of the threshold may fall on the other side)."""
     return prob if prob.size <= model_size**2 else prob.astype(np.float16)
 
 

@@ -75,6 +75,12 @@ def test_quick_suite_writes_every_result(tmp_path):
             } <= set(row)
     assert all("skipped" not in r for r in inference["rows"] if r["mode"] in ("fp32 eager", "fp32 channels_last"))
     assert {"median_ms", "p95_ms", "input"} <= set(inference["end_to_end"])
+    # the shipped model's quality beside its speed: its recipe's cross-validation, slice by slice as timed
+    cross_validation = ROOT / "models" / "brain-mri-unet" / "cross_validation.json"
+    if cross_validation.is_file():
+        quality = inference["model"]["held_out_metrics"]
+        expected = json.loads(cross_validation.read_text())["per_slice"]["patient_dice_mean"]
+        assert quality["source"] == "its recipe's cross-validation" and quality["patient_dice_mean"] == expected
 
     training = json.loads((tmp_path / "training.json").read_text())
     assert {(r["model_key"], r["loop_key"]) for r in training["rows"]} == {

@@ -18,7 +18,7 @@ from unet.reader import ReadError, read_image, read_mask
 from unet.segmenter import Segmenter
 from unet.serving import SHIPPED_MODEL_DIR
 
-PATIENT = "TCGA_CS_6665_20010817"  # a test patient of the shipped model, 24 slices, tumor on 11
+PATIENT = "TCGA_CS_6665_20010817"  # an lgg_subset patient (the shipped model trained on it), 24 slices, tumor on 11
 SPACING = (0.9, 0.9, 3.3)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -35,9 +34,9 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from unet.card import CROSS_VALIDATION_FILE
+from unet.card import recorded_cross_validation
 from unet.device import cpu_supports_bf16
-from unet.evaluation import SPLIT_NAMES, held_out_split
+from unet.evaluation import SPLIT_NAMES, held_out_split, recorded_metrics
 
 log = logging.getLogger("benchmarks.inference")
 
@@ -64,13 +63,13 @@ QUICK = {
 def held_out_scores(model_dir: Path) -> dict | None:
     """The model's Dice on patients it did not learn from, slice by slice as the timed path segments: its recipe's
     pooled cross-validation where it carries one (the shipped model), else its test (or validation) split."""
-    if not (model_dir / "metrics.json").is_file():
+    recorded = recorded_metrics(model_dir)
+    if not recorded:
         return None
-    cross_validation = model_dir / CROSS_VALIDATION_FILE
-    if cross_validation.is_file():
-        source, scores = "its recipe's cross-validation", json.loads(cross_validation.read_text()).get("per_slice")
+    cross_validation = recorded_cross_validation(model_dir)
+    if cross_validation:
+        source, scores = "its recipe's cross-validation", cross_validation.get("per_slice")
     else:
-        recorded = json.loads((model_dir / "metrics.json").read_text())
         split = held_out_split(recorded)
         source, scores = f"its {SPLIT_NAMES[split]} patients", recorded.get(f"{split}_per_slice") or recorded.get(split)
     scores = scores or {}

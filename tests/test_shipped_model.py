@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from unet.card import CROSS_VALIDATION_FILE, folder_card_text
+from unet.card import CROSS_VALIDATION_FILE, folder_card_text, recorded_cross_validation
 from unet.data import scan_dataset, volume_rows
 from unet.device import autocast_dtype
 from unet.evaluate import main as evaluate_main
@@ -38,7 +38,7 @@ def recorded() -> dict:
 
 
 def cross_validation() -> dict:
-    return json.loads((SHIPPED_MODEL_DIR / CROSS_VALIDATION_FILE).read_text())
+    return recorded_cross_validation(SHIPPED_MODEL_DIR)
 
 
 def test_shipped_folder_is_the_hub_layout_and_small():

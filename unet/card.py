@@ -275,9 +275,14 @@ def folder_card_text(model_dir: str | Path, metrics: dict, repo_id: str | None =
         preprocessing, postprocessing = load_processing(model_dir, config)
     except FileNotFoundError:
         preprocessing = postprocessing = None
-    cv_path = model_dir / CROSS_VALIDATION_FILE
-    cross_validation = read_settings_file(cv_path) if cv_path.is_file() else None
+    cross_validation = recorded_cross_validation(model_dir)
     return model_card_text(metrics, architecture, preprocessing, postprocessing, repo_id, cross_validation)
+
+
+def recorded_cross_validation(model_dir: str | Path) -> dict | None:
+    """The model folder's pooled cross-validation as `unet.evaluate --cv --record` wrote it; None if it has none."""
+    path = Path(model_dir) / CROSS_VALIDATION_FILE
+    return read_settings_file(path) if path.is_file() else None
 
 
 def write_model_card(model_dir: str | Path, metrics: dict, repo_id: str | None = None) -> Path:
